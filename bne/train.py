@@ -1,0 +1,250 @@
+"""Training of DeepAll (ERM) and BNE by the same loop and budget, with resumable per-epoch checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bne.data import Augment, AugmentConfig, DomainArrays, domain_batches, to_tensor
+from bne.model import DGNet, ModelSpec, classifier, stages
+
+METHODS = ("deepall", "bne")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation budget and recipe; identical for DeepAll and BNE."""
+
+    epochs: int = 3
+    per_domain_batch: int = 16
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_frac: float = 0.05
+    freeze_stages: int = 4
+    select: str = "best"  # best (source-validation accuracy) | last
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_batch: int = 32
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown train parameter(s): {sorted(unknown)}")
+        aug = d.pop("augment", {}) or {}
+        bad = set(aug) - set(AugmentConfig.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"unknown train.augment parameter(s): {sorted(bad)}")
+        if "crop_scale" in aug:
+            aug["crop_scale"] = tuple(aug["crop_scale"])
+        return cls(augment=AugmentConfig(**aug), **d)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def config_hash(*parts: object) -> str:
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_optimizer(model: DGNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    for stage in stages(model.net, model.spec.backbone)[: cfg.freeze_stages]:
+        for module in stage:
+            module.requires_grad_(False)
+    head = {id(p) for p in classifier(model.net, model.spec.backbone).parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in head, p.ndim > 1), []).append(p)
+    return torch.optim.SGD(
+        [
+            {
+                "params": ps,
+                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
+                "base_lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+            for (is_head, decay), ps in sorted(groups.items())
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def source_val_accuracy(model: DGNet, sources: list[DomainArrays], batch: int, device: torch.device) -> float:
+    """Accuracy on the sources' validation rows: BNE uses each image's own-domain branch."""
+    model.eval()
+    correct = total = 0
+    for d, arr in enumerate(sources):
+        for i in range(0, len(arr.val), batch):
+            rows = arr.val[i : i + batch]
+            x = to_tensor(arr.images[np.sort(rows)]).to(device)
+            y = torch.as_tensor(arr.labels[np.sort(rows)], device=device)
+            with _autocast(device):
+                logits = model(x, domains=d) if model.num_domains else model(x)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(rows)
+    return correct / max(1, total)
+
+
+@dataclass
+class TrainResult:
+    model: DGNet
+    history: list[dict]
+    selected_epoch: int
+
+
+def train(
+    method: str,
+    spec: ModelSpec,
+    sources: list[DomainArrays],
+    cfg: TrainConfig,
+    resolution: int,
+    out_dir: Path | str,
+    device: torch.device | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``method`` on the source domains; ``out_dir/last.pt`` is written each epoch and resumed from.
+
+    Each step draws ``per_domain_batch`` images from every source domain. BNE routes each sub-batch through
+    its domain's branch; DeepAll forwards the same images as one mixed batch through an ordinary network.
+    Both minimise the mean cross-entropy over all images of the step.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    device = device or pick_device()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = tuple(a.name for a in sources)
+    spec = ModelSpec(**{**asdict(spec), "domains": names if method == "bne" else ()})
+    key = config_hash(method, spec, cfg, resolution, names, [len(a.train) for a in sources])
+
+    seed_everything(cfg.seed)
+    model = DGNet(spec).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg)
+    s, b = len(sources), cfg.per_domain_batch
+    steps = sum(len(a.train) for a in sources) // (s * b)
+    if steps < 1:
+        raise ValueError(f"too few training images ({sum(len(a.train) for a in sources)}) for one step of {s} x {b}")
+    total, warmup = steps * cfg.epochs, int(cfg.warmup_frac * steps * cfg.epochs)
+    augment = Augment(cfg.augment, resolution)
+
+    history: list[dict] = []
+    start = 0
+    ckpt = out_dir / "last.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if state["key"] == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            history = json.loads(state["history"])
+            start = int(state["epoch"]) + 1
+            torch.set_rng_state(state["torch_rng"])
+            log(f"{method}: resuming from {ckpt} after epoch {start}")
+        else:
+            log(f"{method}: {ckpt} was made with other settings; training from scratch")
+    if start == 0:
+        (out_dir / "best.pt").unlink(missing_ok=True)
+
+    for epoch in range(start, cfg.epochs):
+        seed_everything(cfg.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        running = 0.0
+        bar = tqdm(
+            domain_batches([a.train for a in sources], b, steps, gen),
+            total=steps,
+            desc=f"{method} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for i, rows in enumerate(bar):
+            f = lr_factor(epoch * steps + i, total, warmup)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            x = torch.cat([augment(a.images[r]) for a, r in zip(sources, rows)]).to(device, non_blocking=True)
+            y = torch.cat([torch.as_tensor(a.labels[r]) for a, r in zip(sources, rows)]).to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = model(x, domains=list(range(s))) if method == "bne" else model(x)
+                loss = F.cross_entropy(logits.float(), y)  # mean over all S x b images, both methods
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            if progress:
+                bar.set_postfix(loss=f"{running / (i + 1):.3f}")
+        val = source_val_accuracy(model, sources, cfg.eval_batch, device)
+        history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val})
+        log(f"{method} epoch {epoch + 1}/{cfg.epochs}: loss {running / steps:.4f}, source-val acc {val:.4f}")
+        if cfg.select == "best" and val >= max(h["source_val_acc"] for h in history):
+            atomic_save(model.state_dict(), out_dir / "best.pt")
+        atomic_save(
+            {
+                "key": key,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "history": json.dumps(history),
+                "torch_rng": torch.get_rng_state(),
+            },
+            ckpt,
+        )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+
+    selected = len(history)
+    if cfg.select == "best" and history and (out_dir / "best.pt").is_file():
+        selected = max(history, key=lambda h: h["source_val_acc"])["epoch"]
+        model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device, weights_only=True))
+    model.eval()
+    return TrainResult(model, history, selected)
