@@ -155,7 +155,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"cannot decode image {path}: {e}") from e
 
 
-def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers: int = 4) -> Path:
+def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers: int = 4, progress: bool = True) -> Path:
     """Decode every image once into ``out_dir/<domain>.npy`` (N, size, size, 3) uint8, rows in sample order.
 
     Written atomically; an existing complete cache with the same index is reused.
@@ -174,7 +174,7 @@ def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers:
         for dom, paths in index["domains"].items():
             arr = np.empty((len(paths), size, size, 3), dtype=np.uint8)
             it = pool.map(lambda p: decode_image(dataset.root / p, size), paths)
-            for i, img in enumerate(tqdm(it, total=len(paths), desc=f"cache {dom} @{size}px", leave=False)):
+            for i, img in enumerate(tqdm(it, total=len(paths), desc=f"cache {dom} @{size}px", leave=False, disable=not progress)):
                 arr[i] = img
             tmp = out_dir / f".{dom}.npy.tmp"
             with open(tmp, "wb") as f:

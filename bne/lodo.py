@@ -276,7 +276,7 @@ def run_lodo(
     dataset = load_folder_dataset(cfg.root, cfg.splits, cfg.val_fraction, seed=0)
     for fix in dataset.fixes:
         log(f"split fix: {fix}")
-    cache = build_cache(dataset, cfg.resolution, Path(cache_root) / cfg.name / str(cfg.resolution))
+    cache = build_cache(dataset, cfg.resolution, Path(cache_root) / cfg.name / str(cfg.resolution), progress=progress)
     arrays = load_cache(dataset, cache)
     targets = list(cfg.targets or dataset.domains)
     unknown = set(targets) - set(dataset.domains)

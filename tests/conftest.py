@@ -1,0 +1,57 @@
+"""Shared fixtures: a synthetic multi-domain image set (the same shapes drawn in different styles)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CLASSES = ("circle", "square", "triangle")
+# style: background colour, foreground colour, texture noise amplitude
+STYLES = {
+    "red_on_white": ((235, 235, 235), (200, 30, 30), 0),
+    "yellow_on_blue": ((20, 40, 150), (250, 220, 40), 10),
+    "noisy_gray": ((110, 110, 110), (20, 20, 20), 60),
+    "green_on_black": ((10, 10, 10), (40, 220, 90), 25),  # the unseen style
+}
+
+
+def draw(shape: str, style: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
+    bg, fg, noise = STYLES[style]
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.integers(size // 5, size // 3)
+    cx, cy = rng.integers(r + 2, size - r - 2, size=2)
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    arr = np.asarray(img).astype(np.int16)
+    if noise:
+        arr = arr + rng.integers(-noise, noise + 1, size=arr.shape)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, styles=tuple(STYLES), per_class: int = 24, seed: int = 0, size: int = 48) -> Path:
+    rng = np.random.default_rng(seed)
+    for style in styles:
+        for shape in CLASSES:
+            folder = root / style / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                draw(shape, style, rng, size).save(folder / f"{shape}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("synthetic"))

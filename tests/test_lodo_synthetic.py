@@ -1,0 +1,98 @@
+"""End to end on synthetic styles: three source styles train BNE, a fourth style is the unseen target."""
+
+import json
+
+import pytest
+
+from bne.embedding import InferenceOptions
+from bne.lodo import EvalConfig, LodoConfig, load_params, run_lodo
+from bne.model import ModelSpec
+from bne.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def lodo_run(synthetic_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lodo")
+    cfg = LodoConfig(
+        name="syn",
+        root=str(synthetic_root),
+        splits=None,
+        val_fraction=0.25,
+        resolution=32,
+        seeds=(0,),
+        targets=("green_on_black",),
+        device="cpu",
+        model=ModelSpec(num_classes=3),
+        train=TrainConfig(epochs=3, per_domain_batch=8, lr=0.02, freeze_stages=0, warmup_frac=0.1),
+        eval=EvalConfig(batch=16, options=InferenceOptions()),
+    )
+    metrics = run_lodo(cfg, tmp / "work", tmp / "reports", tmp / "cache", log=lambda m: None, progress=False)
+    return cfg, tmp, metrics
+
+
+def test_embedding_identifies_source_domains(lodo_run):
+    _, _, metrics = lodo_run
+    assert metrics["green_on_black"]["domain_id_acc"] >= 90.0
+
+
+def test_bne_on_an_unseen_style_is_far_above_chance(lodo_run):
+    _, _, metrics = lodo_run
+    m = metrics["green_on_black"]
+    assert m["bne"] >= 60.0  # chance is 33.3
+    assert m["oracle"] >= max(m["nearest"], 0) - 1e-9
+
+
+def test_reports_have_the_promised_shape(lodo_run):
+    _, tmp, metrics = lodo_run
+    on_disk = json.loads((tmp / "reports" / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert set(on_disk) == {"green_on_black", "mean"}
+    for k in ("deepall", "bne", "uniform", "nearest", "oracle"):
+        assert 0 <= on_disk["mean"][k] <= 100
+    table = (tmp / "reports" / "metrics.md").read_text()
+    assert "| green_on_black |" in table and "| mean |" in table
+    assert (tmp / "work" / "green_on_black" / "seed0" / "stats.parquet").is_file()
+
+
+def test_target_never_reaches_training_or_selection(lodo_run, monkeypatch):
+    """Rerun training and option selection with the target's arrays poisoned: nothing before evaluation reads them."""
+    import bne.lodo as lodo
+
+    cfg, tmp, _ = lodo_run
+    from bne.data import build_cache, load_cache, load_folder_dataset
+
+    ds = load_folder_dataset(cfg.root, None, cfg.val_fraction)
+    arrays = load_cache(ds, build_cache(ds, cfg.resolution, tmp / "cache" / "syn" / "32"))
+    reads = []
+
+    class Spy:
+        def __init__(self, a):
+            self.a = a
+
+        def __getitem__(self, k):
+            reads.append(k)
+            return self.a[k]
+
+        def __len__(self):
+            return len(self.a)
+
+    tgt = arrays["green_on_black"]
+    tgt.images = Spy(tgt.images)
+    real_branch_outputs = lodo.branch_outputs
+    order = []
+
+    def tracking(model, images, *a, **k):
+        order.append("target" if isinstance(images, Spy) else "source")
+        assert not reads, "held-out images were read before the target evaluation"
+        return real_branch_outputs(model, images, *a, **k)
+
+    monkeypatch.setattr(lodo, "branch_outputs", tracking)
+    lodo.run_fold(cfg, ds, arrays, "green_on_black", 0, tmp / "work_again", log=lambda m: None, progress=False)
+    assert order == ["source", "target"] and reads
+
+
+def test_params_file_is_strict(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("dataset: {name: x, root: imgs}\nmodel: {backbone: resnet18, bogus: 1}\ntrain: {resolution: 32}\neval: {}\n")
+    with pytest.raises(ValueError, match="bogus"):
+        load_params(p)

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from bne.model import DGNet, ModelSpec
+from bne.stats import apply_stats, instance_stats, population_stats, running_stats, stats_table
+
+
+def test_instance_stats_match_float64_reference():
+    x = torch.randn(3, 4, 7, 5) * 4 + 10
+    mean, std = instance_stats(x)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean((2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(std.double(), xd.std((2, 3), correction=0), rtol=1e-4, atol=1e-4)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return DGNet(ModelSpec(backbone="resnet18", weights="none", domains=("a", "b"))).eval()
+
+
+def test_population_stats_are_exact_over_all_images():
+    model = _tiny()
+    data = [torch.rand(5, 3, 32, 32), torch.rand(7, 3, 32, 32) * 0.5]
+    captured = {0: [], 1: []}
+    layer = model.norm_layers()[3]
+    for d, x in enumerate(data):  # reference: the layer's inputs, all at once, float64
+        h = layer.register_forward_pre_hook(lambda m, inp, d=d: captured[d].append(inp[0].double()))
+        with torch.no_grad():
+            model(x, domains=d)
+        h.remove()
+    batches = [(d, x.split(2)) for d, x in enumerate(data)]  # uneven batches
+    pop, inst = population_stats(model, batches)
+    for d in (0, 1):
+        a = captured[d][0]
+        np.testing.assert_allclose(pop.mean[3][d], a.mean((0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pop.var[3][d], a.var((0, 2, 3), correction=0).numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.sqrt(inst.var[3][d]), a.std((2, 3), correction=0).mean(0).numpy(), rtol=1e-4, atol=1e-6)
+        assert pop.count[3][d] == a.shape[0] * a.shape[2] * a.shape[3]
+    before = running_stats(model.norm_layers())
+    apply_stats(model, pop)
+    after = running_stats(model.norm_layers())
+    np.testing.assert_allclose(after.mean[3], pop.mean[3], rtol=1e-6)
+    assert not np.allclose(before.mean[3], after.mean[3])
+
+
+def test_population_stats_need_every_domain():
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"missing indices \[1\]"):
+        population_stats(model, [(0, [torch.rand(2, 3, 32, 32)])])
+
+
+def test_stats_table_is_long_format():
+    model = _tiny()
+    st = running_stats(model.norm_layers())
+    t = stats_table([st], ["a", "b"], dataset="syn", held_out="c")
+    n = 2 * sum(layer.num_features for layer in model.norm_layers())
+    assert all(len(v) == n for v in t.values())
+    assert set(t["kind"]) == {"running"} and set(t["domain"]) == {"a", "b"} and t["held_out"][0] == "c"
