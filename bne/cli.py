@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -21,7 +22,7 @@ def lodo(
     reports: Path = typer.Option(None, help="where metrics.json and metrics.md go (default reports/<dataset>)"),
     cache: Path = typer.Option(Path("data/cache"), help="decoded image cache"),
     target: list[str] = typer.Option(None, help="held-out domain(s) to run (default: params, else all)"),
-    epochs: int = typer.Option(None, help="override train.epochs"),
+    set_: list[str] = typer.Option(None, "--set", help="override a parameter: --set train.epochs=1 (repeatable)"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
     """Leave-one-domain-out: DeepAll and BNE per held-out domain; writes metrics.json and a markdown table."""
@@ -29,12 +30,77 @@ def lodo(
 
     from bne.lodo import load_params, run_lodo
 
-    cfg = load_params(params)
+    cfg = load_params(params, overrides=set_ or [])
     if target:
         cfg = replace(cfg, targets=tuple(target))
-    if epochs:
-        cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     run_lodo(cfg, work / cfg.name, reports or Path("reports") / cfg.name, cache, progress=progress)
+
+
+def _params(path: Path) -> dict:
+    """The parameters file as a dict; empty when it does not exist."""
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _fail(e: Exception) -> NoReturn:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def ingest(
+    source: Path = typer.Argument(..., help="<domain>/<class>/<image> tree"),
+    out: Path = typer.Option(..., help="folder for manifest.parquet and ingest_report.json"),
+    splits: Path = typer.Option(None, help="PACS-format split files (<domain>_{train,crossval}_kfold.txt)"),
+    sums: Path = typer.Option(None, help="SHA256SUMS to verify (default: SOURCE/SHA256SUMS or SOURCE/../SHA256SUMS)"),
+    name: str = typer.Option(None, help="dataset name (default: SOURCE's folder name, its parent's for 'images')"),
+    val_fraction: float = typer.Option(None, help="without split files (default: params dataset.val_fraction, else 0.1)"),
+    seed: int = typer.Option(0, help="seed of the stratified split"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameters file, if present"),
+    workers: int = typer.Option(None, help="hashing/decoding threads (default: min(8, CPUs))"),
+    progress: bool = typer.Option(True, help="progress bar"),
+) -> None:
+    """Scan SOURCE, hash and decode every image, write a Parquet manifest with splits and dataset metadata."""
+    from bne.ingest import ingest as run_ingest
+
+    if val_fraction is None:
+        val_fraction = float((_params(params).get("dataset") or {}).get("val_fraction", 0.1))
+    try:
+        r = run_ingest(source, out, splits, sums, val_fraction, seed, name, workers, progress)
+    except (ValueError, OSError) as e:  # OSError: unreadable files, missing split files
+        _fail(e)
+    checked = r["checksums"]
+    sums_note = f"{checked['verified']} verified against {checked['file']}" if checked else "no SHA256SUMS"
+    typer.echo(
+        f"{r['manifest']}: {r['images']} images, {len(r['domains'])} domains {r['domains']}, {len(r['classes'])} classes\n"
+        f"split: {r['split']['method']}; fixes: {len(r['fixes'])}; converted to RGB: {len(r['converted'])}; "
+        f"undecodable: {len(r['undecodable'])}; ignored files: {len(r['ignored'])}; checksums: {sums_note}"
+    )
+
+
+@app.command()
+def validate(
+    manifest: Path = typer.Argument(..., help="manifest.parquet written by `bne ingest`"),
+    reports: Path = typer.Option(Path("reports"), help="validation.json and validation.md go to REPORTS/<dataset>"),
+    params: Path = typer.Option(Path("params.yaml"), help="dataset.domains/classes, validate.* settings, if present"),
+    min_per_class: int = typer.Option(None, help="fewer images per domain and class is a warning (default 5)"),
+    min_size: int = typer.Option(None, help="smallest width/height in pixels (default 32)"),
+) -> None:
+    """Run the Great Expectations suite; on success copy the manifest to manifest.validated.parquet; exit 1 on failure."""
+    from dataclasses import replace
+
+    from tasks.validate import ValidationConfig, summary, validate_manifest
+
+    cfg = ValidationConfig.from_params(params) if params.is_file() else ValidationConfig()
+    cfg = replace(cfg, **{k: v for k, v in {"min_per_class": min_per_class, "min_size": min_size}.items() if v is not None})
+    try:
+        report = validate_manifest(manifest, reports, cfg)
+    except (ValueError, OSError) as e:  # not a manifest, or no such file
+        _fail(e)
+    typer.echo(summary(report), err=not report["success"])
+    if not report["success"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -76,21 +76,31 @@ def scan_folder(root: Path) -> dict[str, dict[str, list[str]]]:
     return tree
 
 
-def read_split_file(path: Path, root: Path, fixes: list[str]) -> list[str]:
+def read_split_file(path: Path, root: Path, fixes: list[str], classes: Sequence[str] | None = None) -> list[str]:
     """Relative paths listed in a PACS-format split file (``<domain>/<class>/<file> <label>``), de-duplicated.
 
-    Labels are ignored (the folder names the class); each dropped duplicate is recorded in ``fixes``.
+    The folder names the class, so labels are not used; with ``classes`` (label order), a label that disagrees
+    with its folder (PACS labels are 1-based) is recorded in ``fixes``, like each dropped duplicate. A line whose
+    last word is not an integer is a path without a label (file names may contain spaces).
     """
     seen: dict[str, int] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        rel = line.rsplit(maxsplit=1)[0] if len(line.split()) > 1 else line.strip()
+        words = line.strip().rsplit(None, 1)
+        has_label = len(words) == 2 and words[1].lstrip("-").isdigit()
+        rel, label = (words[0], int(words[1])) if has_label else (line.strip(), None)
         rel = safe_relpath(root, rel, f"{path}:{n}")
         if rel in seen:
             fixes.append(f"{Path(path).name}:{n}: duplicate of line {seen[rel]} ({rel}), dropped")
             continue
         seen[rel] = n
+        cls = PurePosixPath(rel).parent.name
+        if classes is not None and label is not None and cls in classes and label != classes.index(cls) + 1:
+            fixes.append(
+                f"{Path(path).name}:{n}: label {label} disagrees with folder {cls!r} "
+                f"(label {classes.index(cls) + 1}), folder kept ({rel})"
+            )
     return list(seen)
 
 
@@ -99,13 +109,17 @@ def load_folder_dataset(
     splits_dir: Path | str | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
+    require_all_classes: bool = True,
 ) -> FolderDataset:
-    """Scan ``root`` and assign train/val splits from PACS-format split files, or a seeded stratified split."""
+    """Scan ``root`` and assign train/val splits from PACS-format split files, or a seeded stratified split.
+
+    Without ``require_all_classes`` a class missing from a domain is left for validation to report.
+    """
     root = Path(root)
     tree = scan_folder(root)
     domains = sorted(tree)
     classes = sorted({c for d in tree.values() for c in d})
-    for dom in domains:
+    for dom in domains if require_all_classes else ():
         missing = [c for c in classes if not tree[dom].get(c)]
         if missing:
             raise ValueError(f"domain {dom!r} has no images of class(es) {missing} (present in other domains)")
@@ -120,7 +134,7 @@ def load_folder_dataset(
                 f = splits_dir / f"{dom}_{name}_kfold.txt"
                 if not f.is_file():
                     raise FileNotFoundError(f"split file not found: {f}")
-                for rel in read_split_file(f, root, fixes):
+                for rel in read_split_file(f, root, fixes, classes):
                     if rel not in files:
                         raise FileNotFoundError(f"{f}: lists {rel}, which is not an image under {root}")
                     if rel in split_of:
@@ -134,13 +148,13 @@ def load_folder_dataset(
         rng = random.Random(seed)
         for dom in domains:
             for c in classes:
-                files = list(tree[dom][c])
+                files = list(tree[dom].get(c, []))
                 rng.shuffle(files)
                 n_val = int(round(val_fraction * len(files))) if len(files) > 1 else 0
                 for i, rel in enumerate(files):
                     split_of[rel] = "val" if i < n_val else "train"
     samples = [
-        Sample(rel, dom, c, label[c], split_of[rel]) for dom in domains for c in classes for rel in tree[dom][c]
+        Sample(rel, dom, c, label[c], split_of[rel]) for dom in domains for c in classes for rel in tree[dom].get(c, [])
     ]
     return FolderDataset(root, domains, classes, samples, fixes)
 

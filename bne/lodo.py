@@ -20,6 +20,7 @@ from bne.embedding import InferenceOptions
 from bne.evaluate import (
     BranchOutputs,
     accuracy,
+    bne_predict,
     branch_outputs,
     domain_id_accuracy,
     leave_own_out_accuracy,
@@ -30,7 +31,8 @@ from bne.evaluate import (
     select_options,
 )
 from bne.model import ModelSpec
-from bne.stats import population_stats, running_stats, stats_table
+from bne.plots import accuracy_bars, weight_histograms
+from bne.stats import apply_stats, population_stats, running_stats, stats_table
 from bne.train import TrainConfig, config_hash, pick_device, train
 
 METHOD_KEYS = ("deepall", "bne", "uniform", "nearest", "oracle", "bne_selected")
@@ -42,6 +44,7 @@ class EvalConfig:
     options: InferenceOptions = field(default_factory=InferenceOptions)
     select_options: bool = True  # also report BNE with options chosen on source validation (leave own branch out)
     single_pass: bool = True  # also record one-pass instance statistics
+    branch_stats: str = "running"  # branches normalize with: running (EMA) | population (exact, recomputed)
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,29 @@ def _strict(cls, d: dict, where: str):
     return cls(**d)
 
 
-def load_params(path: Path | str, base: Path | str | None = None) -> LodoConfig:
+def apply_overrides(p: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (``train.epochs=1``, values parsed as YAML) in the parameters dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        node = p
+        *parents, leaf = key.split(".")
+        for k in parents:
+            if not isinstance(node.get(k), dict):
+                raise ValueError(f"override {item!r}: no parameter section {k!r}")
+            node = node[k]
+        node[leaf] = yaml.safe_load(value)
+    return p
+
+
+def load_params(path: Path | str, base: Path | str | None = None, overrides: list[str] = ()) -> LodoConfig:
     """Read ``params.yaml`` (safe_load); relative dataset paths are taken from ``base`` (default: its folder).
 
-    ``BNE_DATA_ROOT`` / ``BNE_SPLITS`` override the dataset location.
+    ``overrides`` are ``dotted.key=value`` strings. ``BNE_DATA_ROOT`` / ``BNE_SPLITS`` override the dataset location.
     """
     path = Path(path)
-    p = yaml.safe_load(path.read_text()) or {}
+    p = apply_overrides(yaml.safe_load(path.read_text()) or {}, list(overrides))
     base = Path(base) if base else path.parent
     ds, tr, ev = p.get("dataset", {}), dict(p.get("train", {})), dict(p.get("eval", {}))
     for key in ("dataset", "model", "train", "eval"):
@@ -129,9 +148,10 @@ def run_fold(
 
     The target's arrays are read only after training, statistics and option selection are done.
     """
-    fold_dir = work / target / f"seed{seed}"
+    fold_dir = work / target / f"seed{seed}"  # training checkpoints: shared by every evaluation setting
     key = config_hash(cfg, target, seed)
-    result_file = fold_dir / "fold.json"
+    eval_dir = fold_dir / f"eval-{key}"
+    result_file = eval_dir / "fold.json"
     if result_file.is_file():
         done = json.loads(result_file.read_text())
         if done.get("key") == key:
@@ -149,32 +169,39 @@ def run_fold(
     names = [a.name for a in sources]
     run = running_stats(model.norm_layers())
     pop, inst = population_stats(model, [(d, _source_batches(a, cfg.eval.batch)) for d, a in enumerate(sources)], device)
+    if cfg.eval.branch_stats == "population":
+        apply_stats(model, pop)
+        run = running_stats(model.norm_layers())
+    elif cfg.eval.branch_stats != "running":
+        raise ValueError(f"eval.branch_stats must be running or population, got {cfg.eval.branch_stats!r}")
     embeddings = {"running": run, "population": pop, "instance_average": inst}
     table = pa.table(stats_table(embeddings.values(), names, dataset=cfg.name, held_out=target))
     table = table.replace_schema_metadata({"seed": str(seed), "params_hash": key, "norm": "bn"})
-    tmp = fold_dir / ".stats.parquet.tmp"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    tmp = eval_dir / ".stats.parquet.tmp"
     pq.write_table(table, tmp)
-    os.replace(tmp, fold_dir / "stats.parquet")
+    os.replace(tmp, eval_dir / "stats.parquet")
 
     val_images = np.concatenate([a.images[a.val] for a in sources])
     val_labels = np.concatenate([a.labels[a.val] for a in sources])
     val_domains = torch.as_tensor(np.concatenate([np.full(len(a.val), d) for d, a in enumerate(sources)]))
-    val = branch_outputs(model, val_images, val_labels, embeddings, cfg.eval.batch, device, cfg.eval.single_pass, desc=f"{target}: source val")
+    val = branch_outputs(model, val_images, val_labels, embeddings, cfg.eval.batch, device, cfg.eval.single_pass, desc=f"{target}: source val" if progress else "")
     opts = cfg.eval.options
     selected, selected_score = (opts, leave_own_out_accuracy(val, val_domains, opts))
     if cfg.eval.select_options:
         selected, selected_score = select_options(val, val_domains, option_grid(opts))
-    val.save(fold_dir / "val_outputs.npz")
-    np.save(fold_dir / "val_domains.npy", val_domains.numpy())
+    val.save(eval_dir / "val_outputs.npz")
+    np.save(eval_dir / "val_domains.npy", val_domains.numpy())
 
     # Only now is the held-out domain read.
     tgt = arrays[target]
-    out = branch_outputs(model, tgt.images, tgt.labels, embeddings, cfg.eval.batch, device, cfg.eval.single_pass, desc=f"{target}: target")
-    out.save(fold_dir / "target_outputs.npz")
-    deep_probs = plain_probs(deep.model, tgt.images, cfg.eval.batch, device, desc=f"{target}: deepall")
+    out = branch_outputs(model, tgt.images, tgt.labels, embeddings, cfg.eval.batch, device, cfg.eval.single_pass, desc=f"{target}: target" if progress else "")
+    out.save(eval_dir / "target_outputs.npz")
+    deep_probs = plain_probs(deep.model, tgt.images, cfg.eval.batch, device, desc=f"{target}: deepall" if progress else "")
     acc = method_accuracies(out, opts)
     result = {
         "key": key,
+        "eval_dir": str(eval_dir),
         "target": target,
         "seed": seed,
         "sources": names,
@@ -245,7 +272,7 @@ def ablation(work: Path, folds: list[dict], base: InferenceOptions) -> list[dict
     rows = []
     loaded = []
     for f in folds:
-        d = work / f["target"] / f"seed{f['seed']}"
+        d = Path(f["eval_dir"])
         loaded.append((BranchOutputs.load(d / "target_outputs.npz"), BranchOutputs.load(d / "val_outputs.npz"),
                        torch.from_numpy(np.load(d / "val_domains.npy"))))
     for name, o in variants:
@@ -304,5 +331,12 @@ def run_lodo(
     md.append("| variant | mean target acc. | mean source-val acc., own branch left out |\n|---|---|---|\n")
     md += [f"| {r['variant']} | {r['target_acc']:.1f} | {r['source_val_leave_own_out_acc']:.1f} |\n" for r in abl]
     (reports / "metrics.md").write_text("".join(md))
+    accuracy_bars(metrics, targets, ["deepall", "bne", "uniform", "nearest", "oracle"], reports / "accuracy.png", f"{cfg.name}: leave-one-domain-out")
+    weights = {}
+    for f in folds:
+        if f["seed"] == cfg.seeds[0]:
+            out = BranchOutputs.load(Path(f["eval_dir"]) / "target_outputs.npz")
+            weights[f["target"]] = bne_predict(out, cfg.eval.options)[1].numpy()
+    weight_histograms(weights, {f["target"]: f["sources"] for f in folds}, reports / "bne_weights.png")
     log("".join(md))
     return metrics

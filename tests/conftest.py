@@ -54,4 +54,4 @@ def make_dataset(root: Path, styles=tuple(STYLES), per_class: int = 24, seed: in
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("synthetic"))
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), size=64)

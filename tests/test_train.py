@@ -42,7 +42,7 @@ def test_bne_and_deepall_see_the_same_images_and_loss_scale(synthetic_root, tmp_
         out = real_ce(logits, y, *a, **k)
         key = "bne" if spy.method == "bne" else "deepall"
         seen[key].append(y.clone())
-        losses[key].append((out.item(), float(real_ce(logits, y, reduction="sum")) / len(y)))
+        losses[key].append((out.item(), real_ce(logits, y, reduction="sum").item() / len(y)))
         return out
 
     monkeypatch.setattr(tr.F, "cross_entropy", spy)

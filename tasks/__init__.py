@@ -1,0 +1,1 @@
+"""Pipeline stages (plain modules; they may import orchestration and validation tools, the library may not)."""

@@ -1,0 +1,271 @@
+"""Pipeline stage 2: a Great Expectations gate on the ingest manifest.
+
+``validate_manifest`` always writes ``<reports>/<dataset>/validation.json`` (success, every failed check with its
+count and examples naming file, domain and class; warnings) and ``validation.md`` (a short summary). Only when the
+manifest passes is it copied, atomically, to ``manifest.validated.parquet`` next to it: later stages read that copy,
+so a failed validation leaves the last good one (and everything built from it) untouched.
+
+GX expresses the per-row checks (nulls, ranges, value sets, uniqueness, class/label pairs). Checks across rows that it
+does not express (every class in every domain, images per domain and class, identical content across domains or
+splits) are computed with pandas and reported in the same structure. Decoding, size and mode were recorded at ingest.
+
+``python -m tasks.validate MANIFEST [--reports DIR] ...`` is ``bne validate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import numpy as np
+import pandas as pd
+import yaml
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.expectations.row_conditions import Column
+
+from bne.ingest import RGB_MODES, SCHEMA, read_manifest_meta, validated_path
+
+EXAMPLES = 20
+KWARGS = ("column", "column_A", "column_B", "min_value", "max_value")  # what the report shows of an expectation
+WHERE = ["path", "domain", "class"]
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    min_per_class: int = 5  # fewer images of a class in a domain is a warning
+    min_size: int = 32  # smallest accepted width and height, pixels
+    domains: tuple[str, ...] | None = None  # when given, the manifest must have exactly these
+    classes: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_params(cls, path: Path | str) -> ValidationConfig:
+        """``dataset.domains`` / ``dataset.classes`` and ``validate.min_per_class`` / ``validate.min_size``, when set."""
+        p = yaml.safe_load(Path(path).read_text()) or {}
+        ds, v = p.get("dataset") or {}, p.get("validate") or {}
+        return cls(
+            min_per_class=int(v.get("min_per_class", cls.min_per_class)),
+            min_size=int(v.get("min_size", cls.min_size)),
+            domains=tuple(ds["domains"]) if ds.get("domains") else None,
+            classes=tuple(ds["classes"]) if ds.get("classes") else None,
+        )
+
+
+def _plain(v: object) -> object:
+    """JSON-safe: numpy scalars to Python, NaN to None, whole floats to int, tuples to lists."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and (math.isnan(v) or v.is_integer()):  # ints that pandas made floats by a null
+        return None if math.isnan(v) else int(v)
+    return v
+
+
+def _suite(meta: dict, cfg: ValidationConfig) -> list[tuple[str, gxe.Expectation]]:
+    """(check name, expectation) pairs, in report order."""
+    classes, domains = meta["classes"], meta["domains"]
+    decoded = Column("error") == ""
+    in_set, between = gxe.ExpectColumnValuesToBeInSet, gxe.ExpectColumnValuesToBeBetween
+    same_set, pair_in_set = gxe.ExpectColumnDistinctValuesToEqualSet, gxe.ExpectColumnPairValuesToBeInSet
+    checks = [("manifest columns", gxe.ExpectTableColumnsToMatchSet(column_set=SCHEMA.names, exact_match=True))]
+    checks += [
+        (f"no nulls in {c}", gxe.ExpectColumnValuesToNotBeNull(column=c))
+        for c in ("path", "domain", "class", "label", "split", "sha256", "bytes", "converted", "error")
+    ]
+    checks += [
+        (f"no nulls in {c} of decoded images", gxe.ExpectColumnValuesToNotBeNull(column=c, row_condition=decoded))
+        for c in ("width", "height", "mode")
+    ]
+    pairs = [(c, i) for i, c in enumerate(classes)]
+    checks += [
+        ("every image decodes", in_set(column="error", value_set=[""])),
+        ("no empty files", between(column="bytes", min_value=1)),
+        (f"width at least {cfg.min_size} px", between(column="width", min_value=cfg.min_size)),
+        (f"height at least {cfg.min_size} px", between(column="height", min_value=cfg.min_size)),
+        ("RGB or converts cleanly", in_set(column="mode", value_set=list(RGB_MODES))),
+        (f"labels within 0..{len(classes) - 1}", between(column="label", min_value=0, max_value=len(classes) - 1)),
+        ("label matches class", pair_in_set(column_A="class", column_B="label", value_pairs_set=pairs)),
+        ("split is train, val or test", in_set(column="split", value_set=["train", "val", "test"])),
+        ("unique paths", gxe.ExpectColumnValuesToBeUnique(column="path")),
+        ("sha256 is 64 hex digits", gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex="^[0-9a-f]{64}$")),
+        ("domains match the manifest metadata", same_set(column="domain", value_set=domains)),
+        ("classes match the manifest metadata", same_set(column="class", value_set=classes)),
+    ]
+    if cfg.domains:
+        checks.append(("domains match the configuration", same_set(column="domain", value_set=list(cfg.domains))))
+    if cfg.classes:
+        checks.append(("classes match the configuration", same_set(column="class", value_set=list(cfg.classes))))
+    return checks
+
+
+def _gx_exception(info: dict) -> str | None:
+    """The message of an exception GX caught (top level, or keyed by metric)."""
+    raised = [info] + [v for v in info.values() if isinstance(v, dict)]
+    return next((e["exception_message"] for e in raised if e.get("raised_exception")), None)
+
+
+def _gx_examples(result: dict) -> list[dict]:
+    """Failing rows (with path, domain, class), else missing/unexpected values, else what GX observed."""
+    return (
+        result.get("partial_unexpected_index_list")
+        or [{"missing": v} for v in result.get("partial_missing_list", [])]
+        + [{"unexpected": v} for v in result.get("partial_unexpected_list", [])]
+        or [{"observed": result.get("observed_value"), **result.get("details", {})}]
+    )
+
+
+def _run_gx(df: pd.DataFrame, checks: list[tuple[str, gxe.Expectation]]) -> list[dict]:
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        ctx.data_sources.add_pandas("pandas")
+        .add_dataframe_asset("manifest")
+        .add_batch_definition_whole_dataframe("whole")
+        .get_batch(batch_parameters={"dataframe": df})
+    )
+    for name, exp in checks:
+        exp.meta = {"check": name}
+    res = batch.validate(
+        gx.ExpectationSuite(name="manifest", expectations=[e for _, e in checks]),
+        result_format={
+            "result_format": "SUMMARY",
+            "unexpected_index_column_names": WHERE,
+            "partial_unexpected_count": EXAMPLES,
+        },
+    )
+    out = []
+    for r in res.results:
+        cfg, result = r.expectation_config, r.result or {}
+        error = _gx_exception(r.exception_info or {})
+        examples = [] if r.success or error else _gx_examples(result)
+        out.append(
+            {
+                "check": cfg.meta["check"],
+                "expectation": cfg.type,
+                "kwargs": {k: v for k, v in cfg.kwargs.items() if k in KWARGS},
+                "severity": "error",
+                "success": bool(r.success),
+                "unexpected_count": result.get("unexpected_count", len(examples)),
+                "examples": examples[:EXAMPLES],
+            }
+            | ({"exception": error} if error else {})
+        )
+    order = [name for name, _ in checks]
+    return sorted(out, key=lambda c: order.index(c["check"]))
+
+
+def _check(name: str, severity: str, examples: list[dict], count: int | None = None) -> dict:
+    return {
+        "check": name,
+        "expectation": "pandas",
+        "severity": severity,
+        "success": not examples,
+        "unexpected_count": len(examples) if count is None else count,
+        "examples": examples[:EXAMPLES],
+    }
+
+
+def _row_checks(df: pd.DataFrame, meta: dict, cfg: ValidationConfig) -> list[dict]:
+    classes = sorted(set(meta["classes"]) | set(df["class"].dropna()))
+    present = df.groupby("domain")["class"].agg(set)
+    missing = [{"domain": d, "class": c} for d, have in present.items() for c in classes if c not in have]
+    counts = df.groupby(["domain", "class"]).size()
+    few = [{"domain": d, "class": c, "value": int(n)} for (d, c), n in counts.items() if n < cfg.min_per_class]
+    checks = [
+        _check("every class in every domain", "error", missing),
+        _check(f"at least {cfg.min_per_class} images per domain and class", "warning", few),
+    ]
+    for across in ("domain", "split"):
+        spread = df.groupby("sha256")[across].transform("nunique")
+        dup = df[spread > 1].sort_values(["sha256", "path"])
+        examples = [
+            {"path": r.path, "domain": r.domain, "class": r["class"], "sha256": r.sha256, across: r[across]}
+            for _, r in dup.head(EXAMPLES).iterrows()
+        ]
+        label = "domains" if across == "domain" else "train/val/test"
+        checks.append(_check(f"no identical content across {label}", "error", examples, len(dup)))
+    return checks
+
+
+def _describe(example: dict) -> str:
+    """``path (domain d, class c): other=value`` for a file, ``domain=d, class=c`` otherwise."""
+    if "path" not in example:
+        return ", ".join(f"{k}={v}" for k, v in example.items())
+    rest = ", ".join(f"{k}={v}" for k, v in example.items() if k not in WHERE)
+    where = f"{example['path']} (domain {example.get('domain')}, class {example.get('class')})"
+    return f"{where}: {rest}" if rest else where
+
+
+def summary(report: dict) -> str:
+    """A few lines: the outcome, then each failed check and warning with its first examples."""
+    n = len(report["failures"]) + len(report["warnings"]) + len(report["passed"])
+    head = "passed" if report["success"] else f"FAILED ({len(report['failures'])} of {n} checks)"
+    lines = [f"validation of {report['manifest']} ({report['rows']} images): {head}"]
+    for kind, group in (("error", report["failures"]), ("warning", report["warnings"])):
+        for c in group:
+            exc = f": {c['exception']}" if c.get("exception") else ""
+            lines.append(f"- {kind}: {c['check']} ({c['unexpected_count']}){exc}")
+            lines += [f"    {_describe(e)}" for e in c["examples"][:5]]
+            if c["unexpected_count"] > 5:
+                lines.append(f"    ... {c['unexpected_count'] - 5} more in validation.json")
+    return "\n".join(lines)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def validate_manifest(
+    manifest_path: Path | str, reports_dir: Path | str, config: ValidationConfig = ValidationConfig()
+) -> dict:
+    """Run the suite; write the report (always) and the validated copy (on success); return the report."""
+    manifest_path = Path(manifest_path)
+    meta = read_manifest_meta(manifest_path)
+    df = pd.read_parquet(manifest_path)
+    checks = _run_gx(df, _suite(meta, config)) + _row_checks(df, meta, config)
+    report = _plain(
+        {
+            "dataset": meta["dataset"],
+            "manifest": str(manifest_path),
+            "success": all(c["success"] for c in checks if c["severity"] == "error"),
+            "rows": len(df),
+            "config": asdict(config),
+            "great_expectations": gx.__version__,
+            "failures": [c for c in checks if not c["success"] and c["severity"] == "error"],
+            "warnings": [c for c in checks if not c["success"] and c["severity"] == "warning"],
+            "passed": [c["check"] for c in checks if c["success"]],
+        }
+    )
+    out = Path(reports_dir) / meta["dataset"]
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "validation.json", json.dumps(report, indent=1, ensure_ascii=False))
+    _write(out / "validation.md", summary(report) + "\n")
+    if report["success"]:
+        target = validated_path(manifest_path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(manifest_path, tmp)
+        os.replace(tmp, target)
+    return report
+
+
+def main() -> None:
+    """``python -m tasks.validate``: the ``bne validate`` command."""
+    import typer
+
+    from bne.cli import validate
+
+    typer.run(validate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The Great Expectations gate on the manifest: what passes, what fails and how it is named, what survives."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_dataset
+from PIL import Image
+from typer.testing import CliRunner
+
+from bne.cli import app
+from bne.ingest import MANIFEST, ingest, validated_path
+from tasks.validate import ValidationConfig, summary, validate_manifest
+
+DOMAINS = ("red_on_white", "yellow_on_blue")
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_dataset(tmp_path / "src", styles=DOMAINS, per_class=6, size=32)
+
+
+def _ingest(root, tmp_path):
+    ingest(root, tmp_path / "data", name="toy", progress=False)
+    return tmp_path / "data" / MANIFEST
+
+
+def _failed(report):
+    return {c["check"]: c for c in report["failures"]}
+
+
+def test_clean_dataset_with_converted_modes_passes(root, tmp_path):
+    folder = root / "yellow_on_blue" / "square"
+    rgb = Image.open(folder / "square_000.png").convert("RGB")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("P").save(folder / "palette.png")
+    manifest = _ingest(root, tmp_path)
+    report = validate_manifest(manifest, tmp_path / "reports")
+    assert report["success"], summary(report)
+    assert report["failures"] == [] and report["warnings"] == [] and "every image decodes" in report["passed"]
+    saved = json.loads((tmp_path / "reports" / "toy" / "validation.json").read_text())
+    assert saved["success"] and saved["rows"] == 40
+    assert (tmp_path / "reports" / "toy" / "validation.md").read_text().startswith(f"validation of {manifest} (40 images): passed")
+    assert validated_path(manifest).read_bytes() == manifest.read_bytes()
+
+
+def test_bad_images_fail_naming_each_file(root, tmp_path):
+    folder = root / "red_on_white" / "circle"
+    data = (folder / "circle_000.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image\n")
+    Image.new("RGB", (20, 40)).save(root / "yellow_on_blue" / "circle" / "tiny.png")
+    report = validate_manifest(_ingest(root, tmp_path), tmp_path / "reports")
+    assert not report["success"]
+    failed = _failed(report)
+    decode = failed["every image decodes"]
+    assert decode["unexpected_count"] == 3
+    assert {e["path"] for e in decode["examples"]} == {f"red_on_white/circle/{n}" for n in ("truncated.png", "empty.jpg", "notes.jpg")}
+    assert all(e["domain"] == "red_on_white" and e["class"] == "circle" for e in decode["examples"])
+    assert [e["path"] for e in failed["no empty files"]["examples"]] == ["red_on_white/circle/empty.jpg"]
+    assert [e["path"] for e in failed["width at least 32 px"]["examples"]] == ["yellow_on_blue/circle/tiny.png"]
+    assert "height at least 32 px" not in failed and "no nulls in width of decoded images" not in failed
+    text = summary(report)
+    assert "red_on_white/circle/truncated.png (domain red_on_white, class circle): error=OSError" in text
+    assert not validated_path(tmp_path / "data" / MANIFEST).exists()
+
+
+def test_cli_missing_class_fails_naming_domain_and_class(root, tmp_path):
+    shutil.rmtree(root / "yellow_on_blue" / "triangle")
+    manifest = _ingest(root, tmp_path)
+    res = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 1
+    assert "error: every class in every domain (1)\n    domain=yellow_on_blue, class=triangle" in res.output
+    report = json.loads((tmp_path / "reports" / "toy" / "validation.json").read_text())
+    assert report["success"] is False
+    assert _failed(report)["every class in every domain"]["examples"] == [{"domain": "yellow_on_blue", "class": "triangle"}]
+
+
+def test_previous_validated_manifest_survives_a_failed_run(root, tmp_path):
+    manifest = _ingest(root, tmp_path)
+    assert validate_manifest(manifest, tmp_path / "reports")["success"]
+    good = validated_path(manifest).read_bytes()
+    (root / "red_on_white" / "square" / "broken.png").write_bytes(b"\x89PNG\r\n")
+    manifest = _ingest(root, tmp_path)
+    res = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 1 and "red_on_white/square/broken.png" in res.output
+    assert validated_path(manifest).read_bytes() == good
+    assert json.loads((tmp_path / "reports" / "toy" / "validation.json").read_text())["success"] is False
+
+
+def test_identical_content_across_domains_and_splits(root, tmp_path):
+    shutil.copy(root / "red_on_white" / "circle" / "circle_000.png", root / "yellow_on_blue" / "circle" / "copy.png")
+    manifest = _ingest(root, tmp_path)
+    failed = _failed(validate_manifest(manifest, tmp_path / "reports"))
+    paths = {e["path"] for e in failed["no identical content across domains"]["examples"]}
+    assert paths == {"red_on_white/circle/circle_000.png", "yellow_on_blue/circle/copy.png"}
+    # the same content in train and val of one domain
+    (root / "yellow_on_blue" / "circle" / "copy.png").unlink()
+    for i in range(1, 6):
+        shutil.copy(root / "red_on_white" / "square" / "square_000.png", root / "red_on_white" / "square" / f"square_00{i}.png")
+    failed = _failed(validate_manifest(_ingest(root, tmp_path), tmp_path / "reports"))
+    assert "no identical content across domains" not in failed
+    examples = failed["no identical content across train/val/test"]["examples"]
+    assert {e["split"] for e in examples} == {"train", "val"} and all(e["class"] == "square" for e in examples)
+
+
+def test_few_images_warn_and_configuration_must_match(root, tmp_path):
+    manifest = _ingest(root, tmp_path)
+    report = validate_manifest(manifest, tmp_path / "reports", ValidationConfig(min_per_class=7))
+    assert report["success"] and report["warnings"][0]["unexpected_count"] == 6
+    assert "warning: at least 7 images per domain and class (6)\n    domain=red_on_white, class=circle, value=6" in summary(report)
+    cfg = ValidationConfig(domains=("red_on_white", "yellow_on_blue", "green_on_black"), classes=("circle", "square", "triangle"))
+    failed = _failed(validate_manifest(manifest, tmp_path / "reports", cfg))
+    assert list(failed) == ["domains match the configuration"]
+    assert failed["domains match the configuration"]["examples"] == [{"missing": "green_on_black"}]
+
+
+def test_config_from_params(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("dataset:\n  name: x\n  classes: [a, b]\nvalidate:\n  min_size: 64\n")
+    assert ValidationConfig.from_params(p) == ValidationConfig(min_size=64, classes=("a", "b"))
+
+
+def test_nulls_labels_and_duplicate_paths_in_an_edited_manifest(root, tmp_path):
+    manifest = _ingest(root, tmp_path)
+    table = pq.read_table(manifest)
+    rows = table.to_pylist()
+    rows[0]["label"] = 9
+    rows[1]["sha256"] = None
+    rows[2]["path"] = rows[3]["path"]
+    rows[4]["width"] = None
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), manifest)
+    failed = _failed(validate_manifest(manifest, tmp_path / "reports"))
+    assert failed["labels within 0..2"]["examples"][0]["path"] == rows[0]["path"]
+    assert failed["label matches class"]["unexpected_count"] == 1
+    assert failed["no nulls in sha256"]["examples"][0]["path"] == rows[1]["path"]
+    assert failed["unique paths"]["unexpected_count"] == 2
+    assert failed["no nulls in width of decoded images"]["examples"][0]["path"] == rows[4]["path"]
