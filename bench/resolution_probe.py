@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from bne.data import build_cache, load_cache, load_folder_dataset, to_tensor
 from bne.lodo import load_params
 from bne.model import DGNet, ModelSpec
-from bne.train import build_optimizer
+
+from _util import train_throughput  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 @torch.no_grad()
@@ -51,26 +52,6 @@ def probe(train_x, train_y, test_x, test_y, classes: int, epochs: int = 200) -> 
 
     opt.step(closure)
     return float(((b @ w + bias).argmax(1) == test_y).float().mean())
-
-
-def train_throughput(method: str, resolution: int, freeze: int, per_domain: int = 16, steps: int = 4) -> float:
-    from dataclasses import replace
-
-    from bne.train import TrainConfig
-
-    spec = ModelSpec(domains=("a", "b", "c") if method == "bne" else ())
-    model = DGNet(spec).train()
-    opt = build_optimizer(model, replace(TrainConfig(), freeze_stages=freeze))
-    x, y = torch.rand(3 * per_domain, 3, resolution, resolution), torch.randint(0, 7, (3 * per_domain,))
-    kw = {"domains": [0, 1, 2]} if method == "bne" else {}
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x, **kw), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return steps * x.shape[0] / (time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -103,5 +103,28 @@ def validate(
         raise typer.Exit(1)
 
 
+@app.command()
+def cache(
+    manifest: Path = typer.Argument(..., help="a validated manifest (manifest.validated.parquet)"),
+    out: Path = typer.Option(..., help="folder for <domain>.npy (uint8, N x size x size x 3) and index.json"),
+    size: int = typer.Option(None, help="side in pixels (default: params train.resolution)"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameters file, if present"),
+    workers: int = typer.Option(4, help="decoding threads"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Decode and resize every image of MANIFEST once into memory-mappable per-domain arrays."""
+    from bne.data import build_cache
+    from bne.ingest import dataset_from_manifest
+
+    if size is None:
+        size = int((_params(params).get("train") or {}).get("resolution", 0)) or _fail(ValueError("give --size or train.resolution in params"))
+    try:
+        ds = dataset_from_manifest(manifest)
+        build_cache(ds, size, out, workers, progress)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    typer.echo(f"{out}: {len(ds.samples)} images of {len(ds.domains)} domains at {size}x{size}")
+
+
 if __name__ == "__main__":
     app()

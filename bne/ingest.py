@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from bne.data import FolderDataset, load_folder_dataset, read_split_file, safe_relpath, scan_folder
+from bne.data import FolderDataset, Sample, load_folder_dataset, read_split_file, safe_relpath, scan_folder
 
 MANIFEST = "manifest.parquet"
 REPORT = "ingest_report.json"
@@ -245,6 +245,20 @@ def validated_path(manifest: Path | str) -> Path:
     """Where validation copies a manifest that passed (``manifest.validated.parquet``); later stages read that."""
     manifest = Path(manifest)
     return manifest.with_name(f"{manifest.stem}.validated.parquet")
+
+
+def dataset_from_manifest(manifest: Path | str) -> FolderDataset:
+    """The samples of a (validated) manifest as a :class:`FolderDataset`, in manifest order.
+
+    Refuses a manifest with undecodable rows: only what validation let through reaches the cache and training.
+    """
+    meta = read_manifest_meta(manifest)
+    table = pq.read_table(manifest, columns=["path", "domain", "class", "label", "split", "error"]).to_pylist()
+    bad = [r["path"] for r in table if r["error"]]
+    if bad:
+        raise ValueError(f"{manifest}: {len(bad)} image(s) do not decode, e.g. {bad[:3]}; run `bne validate` first")
+    samples = [Sample(r["path"], r["domain"], r["class"], int(r["label"]), r["split"]) for r in table]
+    return FolderDataset(Path(meta["source"]), list(meta["domains"]), list(meta["classes"]), samples, list(meta.get("fixes", [])))
 
 
 def find_new_domains(source: Path | str, manifest: Path | str) -> list[str]:

@@ -135,6 +135,36 @@ def population_stats(
     )
 
 
+@torch.no_grad()
+def precise_running_stats(
+    model: torch.nn.Module,
+    batches_per_domain: Iterable[tuple[int, Iterable[torch.Tensor]]],
+    device: torch.device | str = "cpu",
+) -> None:
+    """Replace each domain's running statistics by the exact average of its batch statistics (PreciseBN).
+
+    One no-grad pass over (unaugmented) images with the normalization layers in train mode, so every layer
+    sees its input as in training; other modules (dropout) stay in eval mode. Self-consistent, unlike
+    loading eval-mode population statistics into every layer at once, which shifts each later layer's input.
+    """
+    model.eval()
+    layers = model.norm_layers()
+    saved = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = None  # cumulative average: factor 1/n for the n-th batch
+            layer.train()
+        for d, batches in batches_per_domain:
+            for layer in layers:
+                layer.num_batches_tracked[d] = 0
+            for x in batches:
+                model(x.to(device), domains=d)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+        model.eval()
+
+
 def apply_stats(model: torch.nn.Module, stats: DomainStats) -> None:
     """Load ``stats`` into the model's running statistics (for example exact population values)."""
     for layer, mean, var in zip(model.norm_layers(), stats.mean, stats.var):

@@ -101,8 +101,8 @@ def test_params_file_is_strict(tmp_path):
 def test_dotted_overrides(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("dataset: {name: x, root: imgs}\nmodel: {backbone: resnet18}\ntrain: {resolution: 32}\neval: {options: {power: 1.0}}\n")
-    cfg = load_params(p, overrides=["train.epochs=1", "eval.options.power=2", "eval.branch_stats=population"])
-    assert cfg.train.epochs == 1 and cfg.eval.options.power == 2 and cfg.eval.branch_stats == "population"
+    cfg = load_params(p, overrides=["train.epochs=1", "eval.options.power=2", "eval.branch_stats=precise"])
+    assert cfg.train.epochs == 1 and cfg.eval.options.power == 2 and cfg.eval.branch_stats == "precise"
     assert cfg.root == str((tmp_path / "imgs").resolve())
     with pytest.raises(ValueError, match="nosuch"):
         load_params(p, overrides=["nosuch.x=1"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bne.model import DGNet, ModelSpec
-from bne.stats import apply_stats, instance_stats, population_stats, running_stats, stats_table
+from bne.stats import apply_stats, instance_stats, population_stats, precise_running_stats, running_stats, stats_table
 
 
 def test_instance_stats_match_float64_reference():
@@ -57,3 +57,21 @@ def test_stats_table_is_long_format():
     n = 2 * sum(layer.num_features for layer in model.norm_layers())
     assert all(len(v) == n for v in t.values())
     assert set(t["kind"]) == {"running"} and set(t["domain"]) == {"a", "b"} and t["held_out"][0] == "c"
+
+
+def test_precise_running_stats_average_the_batch_statistics():
+    model = _tiny()
+    layer = model.norm_layers()[0]  # the stem BN sees the images' conv output: batch statistics are direct
+    batches = [torch.rand(4, 3, 32, 32) for _ in range(3)]
+    ref_mean, ref_var = [], []
+    for x in batches:
+        h = layer.register_forward_pre_hook(lambda m, inp: ref_mean.append(inp[0].mean((0, 2, 3))) or ref_var.append(inp[0].var((0, 2, 3))))
+        with torch.no_grad():
+            model(x, domains=1)
+        h.remove()
+    other = model.norm_layers()[5].running_mean[0].clone()
+    precise_running_stats(model, [(1, batches)])
+    torch.testing.assert_close(layer.running_mean[1], torch.stack(ref_mean).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.running_var[1], torch.stack(ref_var).mean(0), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.norm_layers()[5].running_mean[0], other)  # domain 0 untouched
+    assert not model.training and layer.momentum == 0.1
