@@ -7,7 +7,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run test lodo clean-work
+.PHONY: install run test clean-work
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job: leave-one-domain-out DeepAll vs BNE on PACS (CPU protocol of params.yaml).
+# The main job: the DVC pipeline (ingest -> validate -> cache -> leave-one-domain-out DeepAll vs BNE) on PACS.
 run: install
-	$(VENV)/bin/bne lodo --params params.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: install
 	$(PY) -m pytest

@@ -58,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[96, 112, 128, 160, 224])
-    ap.add_argument("--cache", default="data/cache")
+    ap.add_argument("--cache", default="data/bench-cache")
     ap.add_argument("--out", default="reports/bench/resolution.json")
     args = ap.parse_args()
     torch.manual_seed(0)

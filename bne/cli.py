@@ -23,6 +23,7 @@ def lodo(
     cache: Path = typer.Option(Path("data/cache"), help="decoded image cache"),
     target: list[str] = typer.Option(None, help="held-out domain(s) to run (default: params, else all)"),
     set_: list[str] = typer.Option(None, "--set", help="override a parameter: --set train.epochs=1 (repeatable)"),
+    manifest: Path = typer.Option(None, help="a validated manifest (pipeline); default: scan the dataset root of params"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
     """Leave-one-domain-out: DeepAll and BNE per held-out domain; writes metrics.json and a markdown table."""
@@ -33,7 +34,12 @@ def lodo(
     cfg = load_params(params, overrides=set_ or [])
     if target:
         cfg = replace(cfg, targets=tuple(target))
-    run_lodo(cfg, work / cfg.name, reports or Path("reports") / cfg.name, cache, progress=progress)
+    dataset = None
+    if manifest is not None:
+        from bne.ingest import dataset_from_manifest
+
+        dataset = dataset_from_manifest(manifest)
+    run_lodo(cfg, work / cfg.name, reports or Path("reports") / cfg.name, cache, progress=progress, dataset=dataset)
 
 
 def _params(path: Path) -> dict:
@@ -86,6 +92,7 @@ def validate(
     params: Path = typer.Option(Path("params.yaml"), help="dataset.domains/classes, validate.* settings, if present"),
     min_per_class: int = typer.Option(None, help="fewer images per domain and class is a warning (default 5)"),
     min_size: int = typer.Option(None, help="smallest width/height in pixels (default 32)"),
+    validated: Path = typer.Option(None, help="where the validated copy goes (default: beside the manifest)"),
 ) -> None:
     """Run the Great Expectations suite; on success copy the manifest to manifest.validated.parquet; exit 1 on failure."""
     from dataclasses import replace
@@ -95,7 +102,7 @@ def validate(
     cfg = ValidationConfig.from_params(params) if params.is_file() else ValidationConfig()
     cfg = replace(cfg, **{k: v for k, v in {"min_per_class": min_per_class, "min_size": min_size}.items() if v is not None})
     try:
-        report = validate_manifest(manifest, reports, cfg)
+        report = validate_manifest(manifest, reports, cfg, validated)
     except (ValueError, OSError) as e:  # not a manifest, or no such file
         _fail(e)
     typer.echo(summary(report), err=not report["success"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -209,6 +210,16 @@ class DomainArrays:
     labels: np.ndarray
     train: np.ndarray  # row indices
     val: np.ndarray
+    fingerprint: str = ""  # sha256 of the pixels, labels and split: keys checkpoints and results to the data
+
+
+def arrays_fingerprint(images: np.ndarray, labels: np.ndarray, train: np.ndarray, chunk: int = 256) -> str:
+    h = hashlib.sha256()
+    for i in range(0, len(images), chunk):
+        h.update(np.ascontiguousarray(images[i : i + chunk]).data)
+    for a in (labels, train):
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
 
 
 def load_cache(dataset: FolderDataset, cache_dir: Path | str) -> dict[str, DomainArrays]:
@@ -220,13 +231,9 @@ def load_cache(dataset: FolderDataset, cache_dir: Path | str) -> dict[str, Domai
         if images.shape[0] != len(samples):
             raise ValueError(f"{cache_dir / (d + '.npy')}: {images.shape[0]} rows for {len(samples)} samples; rebuild the cache")
         split = np.array([s.split for s in samples])
-        out[d] = DomainArrays(
-            d,
-            images,
-            np.array([s.label for s in samples], dtype=np.int64),
-            np.flatnonzero(split == "train"),
-            np.flatnonzero(split == "val"),
-        )
+        labels = np.array([s.label for s in samples], dtype=np.int64)
+        train = np.flatnonzero(split == "train")
+        out[d] = DomainArrays(d, images, labels, train, np.flatnonzero(split == "val"), arrays_fingerprint(images, labels, train))
     return out
 
 

@@ -134,9 +134,10 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def fold_key(cfg: LodoConfig, target: str, seed: int) -> str:
-    """What one fold's result depends on: everything but the lists of other targets and seeds."""
-    return config_hash(replace(cfg, seeds=(), targets=None), target, seed)
+def fold_key(cfg: LodoConfig, target: str, seed: int, arrays: dict[str, DomainArrays]) -> str:
+    """What one fold's result depends on: the data and every setting but the lists of other targets and seeds."""
+    data = sorted((d, a.fingerprint) for d, a in arrays.items())
+    return config_hash(replace(cfg, seeds=(), targets=None), target, seed, data)
 
 
 def run_fold(
@@ -154,7 +155,7 @@ def run_fold(
     The target's arrays are read only after training, statistics and option selection are done.
     """
     fold_dir = work / target / f"seed{seed}"  # training checkpoints: shared by every evaluation setting
-    key = fold_key(cfg, target, seed)
+    key = fold_key(cfg, target, seed, arrays)
     eval_dir = fold_dir / f"eval-{key}"
     result_file = eval_dir / "fold.json"
     if result_file.is_file():
@@ -299,11 +300,15 @@ def run_lodo(
     cache_root: Path | str,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    dataset: FolderDataset | None = None,
 ) -> dict:
-    """Every held-out target x seed; writes ``metrics.json``, ``metrics.md`` and ``ablation.*`` to ``reports``."""
+    """Every held-out target x seed; writes ``metrics.json``, ``metrics.md`` and ``ablation.*`` to ``reports``.
+
+    ``dataset``: the samples to use (for example from a validated manifest); default: scan ``cfg.root``.
+    """
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     work, reports = Path(work), Path(reports)
-    dataset = load_folder_dataset(cfg.root, cfg.splits, cfg.val_fraction, seed=0)
+    dataset = dataset or load_folder_dataset(cfg.root, cfg.splits, cfg.val_fraction, seed=0)
     for fix in dataset.fixes:
         log(f"split fix: {fix}")
     cache = build_cache(dataset, cfg.resolution, Path(cache_root) / cfg.name / str(cfg.resolution), progress=progress)

@@ -163,7 +163,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = tuple(a.name for a in sources)
     spec = ModelSpec(**{**asdict(spec), "domains": names if method == "bne" else ()})
-    key = config_hash(method, spec, cfg, resolution, names, [len(a.train) for a in sources])
+    key = config_hash(method, spec, cfg, resolution, names, [a.fingerprint or len(a.train) for a in sources])
 
     seed_everything(cfg.seed)
     model = DGNet(spec).to(device)

@@ -226,9 +226,15 @@ def _write(path: Path, text: str) -> None:
 
 
 def validate_manifest(
-    manifest_path: Path | str, reports_dir: Path | str, config: ValidationConfig = ValidationConfig()
+    manifest_path: Path | str,
+    reports_dir: Path | str,
+    config: ValidationConfig = ValidationConfig(),
+    validated: Path | str | None = None,
 ) -> dict:
-    """Run the suite; write the report (always) and the validated copy (on success); return the report."""
+    """Run the suite; write the report (always) and the validated copy (on success); return the report.
+
+    ``validated`` is where the copy goes (default: ``manifest.validated.parquet`` beside the manifest).
+    """
     manifest_path = Path(manifest_path)
     meta = read_manifest_meta(manifest_path)
     df = pd.read_parquet(manifest_path)
@@ -251,7 +257,8 @@ def validate_manifest(
     _write(out / "validation.json", json.dumps(report, indent=1, ensure_ascii=False))
     _write(out / "validation.md", summary(report) + "\n")
     if report["success"]:
-        target = validated_path(manifest_path)
+        target = Path(validated) if validated else validated_path(manifest_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(manifest_path, tmp)
         os.replace(tmp, target)
