@@ -56,9 +56,9 @@ def _fail(e: Exception) -> NoReturn:
 
 @app.command()
 def ingest(
-    source: Path = typer.Argument(..., help="<domain>/<class>/<image> tree"),
+    source: Path = typer.Argument(None, help="<domain>/<class>/<image> tree (default: params dataset.root)"),
     out: Path = typer.Option(..., help="folder for manifest.parquet and ingest_report.json"),
-    splits: Path = typer.Option(None, help="PACS-format split files (<domain>_{train,crossval}_kfold.txt)"),
+    splits: Path = typer.Option(None, help="PACS-format split files (default: params dataset.splits when SOURCE is too)"),
     sums: Path = typer.Option(None, help="SHA256SUMS to verify (default: SOURCE/SHA256SUMS or SOURCE/../SHA256SUMS)"),
     name: str = typer.Option(None, help="dataset name (default: SOURCE's folder name, its parent's for 'images')"),
     val_fraction: float = typer.Option(None, help="without split files (default: params dataset.val_fraction, else 0.1)"),
@@ -70,8 +70,15 @@ def ingest(
     """Scan SOURCE, hash and decode every image, write a Parquet manifest with splits and dataset metadata."""
     from bne.ingest import ingest as run_ingest
 
+    ds = _params(params).get("dataset") or {}
+    if source is None:  # the pipeline's way: every path from params.yaml, relative to it
+        if not ds.get("root"):
+            _fail(ValueError(f"give SOURCE or dataset.root in {params}"))
+        source = params.parent / ds["root"]
+        splits = splits or (params.parent / ds["splits"] if ds.get("splits") else None)
+        name = name or ds.get("name")
     if val_fraction is None:
-        val_fraction = float((_params(params).get("dataset") or {}).get("val_fraction", 0.1))
+        val_fraction = float(ds.get("val_fraction", 0.1))
     try:
         r = run_ingest(source, out, splits, sums, val_fraction, seed, name, workers, progress)
     except (ValueError, OSError) as e:  # OSError: unreadable files, missing split files

@@ -11,6 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 CLASSES = ("circle", "square", "triangle")
