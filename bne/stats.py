@@ -10,8 +10,6 @@ import torch
 
 from bne.norm.dsbn import DomainBatchNorm2d
 
-KINDS = ("running", "population", "instance_average")
-
 
 def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel spatial mean and standard deviation of ``x`` (N, C, H, W) -> two (N, C)."""
@@ -81,9 +79,6 @@ class DomainStats:
     mean: list[np.ndarray]
     var: list[np.ndarray]
     count: list[np.ndarray]  # (S,) per layer
-
-    def std(self, layer: int) -> np.ndarray:
-        return np.sqrt(self.var[layer])
 
 
 def running_stats(layers: list[DomainBatchNorm2d]) -> DomainStats:
@@ -163,13 +158,6 @@ def precise_running_stats(
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
         model.eval()
-
-
-def apply_stats(model: torch.nn.Module, stats: DomainStats) -> None:
-    """Load ``stats`` into the model's running statistics (for example exact population values)."""
-    for layer, mean, var in zip(model.norm_layers(), stats.mean, stats.var):
-        layer.running_mean.copy_(torch.as_tensor(mean, dtype=layer.running_mean.dtype))
-        layer.running_var.copy_(torch.as_tensor(var, dtype=layer.running_var.dtype))
 
 
 def stats_table(stats: Iterable[DomainStats], domains: list[str], **columns: str) -> dict[str, list]:

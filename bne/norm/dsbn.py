@@ -140,19 +140,6 @@ class DomainBatchNorm2d(nn.Module):
             x, self.running_mean[d], self.running_var[d], weight, bias, self.training, factor, self.eps
         )
 
-    def _eval_equal_chunks(self, x: torch.Tensor, route: DomainRoute) -> torch.Tensor:
-        """Eval mode, equal chunks (the batched S x B branch forward): one fused scale-and-shift, no concat."""
-        idx = torch.as_tensor(route.domains, device=x.device)
-        scale = torch.rsqrt(self.running_var[idx] + self.eps)
-        shift = -self.running_mean[idx] * scale
-        if self.affine:
-            w = self.weight[idx] if self.domain_affine else self.weight.expand_as(scale)
-            b = self.bias[idx] if self.domain_affine else self.bias.expand_as(scale)
-            scale, shift = scale * w, shift * w + b
-        k, c = len(route.domains), x.shape[1]
-        y = torch.addcmul(shift.view(k, 1, c, 1, 1), x.view(k, -1, *x.shape[1:]), scale.view(k, 1, c, 1, 1))
-        return y.view_as(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = _ROUTE.get()
         if route is None:
@@ -165,8 +152,6 @@ class DomainBatchNorm2d(nn.Module):
             route.recorder(self, x)
         if len(route.sizes) == 1:
             return self._chunk(x, route.domains[0])
-        if not self.training and len(set(route.sizes)) == 1 and MEAN_DOMAIN not in route.domains:
-            return self._eval_equal_chunks(x, route)
         chunks = x.split(list(route.sizes))
         return torch.cat([self._chunk(c, d) for c, d in zip(chunks, route.domains)])
 
