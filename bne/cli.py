@@ -140,5 +140,35 @@ def cache(
     typer.echo(f"{out}: {len(ds.samples)} images of {len(ds.domains)} domains at {size}x{size}")
 
 
+stats_app = typer.Typer(help="Per-domain statistics artifacts (stats.parquet).", no_args_is_help=True)
+app.add_typer(stats_app, name="stats")
+
+
+@stats_app.command("show")
+def stats_show(file: Path = typer.Argument(..., help="a stats.parquet written by `bne lodo`")) -> None:
+    """Per-domain, per-layer summary of a statistics file and the pairwise W2 distances between domains."""
+    import numpy as np
+
+    from bne.stats import pairwise_w2, read_stats_table
+
+    if not file.is_file():
+        _fail(FileNotFoundError(f"no such file: {file}"))
+    meta, kinds, domains = read_stats_table(str(file))
+    typer.echo(f"{file}: domains {domains}; " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    for kind, st in kinds.items():
+        typer.echo(f"\n[{kind}] {len(st.layer_names)} layers; mean |mean| and mean std per domain, first/last layer:")
+        for d, dom in enumerate(domains):
+            first, last = 0, len(st.layer_names) - 1
+            typer.echo(
+                f"  {dom:>14}: {st.layer_names[first]} |mu| {np.abs(st.mean[first][d]).mean():.3f} sd {np.sqrt(st.var[first][d]).mean():.3f}"
+                f" | {st.layer_names[last]} |mu| {np.abs(st.mean[last][d]).mean():.3f} sd {np.sqrt(st.var[last][d]).mean():.3f}"
+            )
+        w2 = pairwise_w2(st)
+        typer.echo("  pairwise W2 (mean over layers):")
+        typer.echo("  " + " " * 15 + "".join(f"{dom[:12]:>13}" for dom in domains))
+        for d, dom in enumerate(domains):
+            typer.echo(f"  {dom:>14} " + "".join(f"{w2[d, e]:13.3f}" for e in range(len(domains))))
+
+
 if __name__ == "__main__":
     app()

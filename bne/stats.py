@@ -178,3 +178,43 @@ def stats_table(stats: Iterable[DomainStats], domains: list[str], **columns: str
                 out["count"].extend([int(st.count[li][d])] * c)
                 out["kind"].extend([st.kind] * c)
     return out
+
+
+def read_stats_table(path: str) -> tuple[dict, dict[str, DomainStats], list[str]]:
+    """A ``stats.parquet`` back as (schema metadata, {kind: DomainStats}, domains)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind")}
+    domains = list(dict.fromkeys(cols["domain"].tolist()))
+    out = {}
+    for kind in dict.fromkeys(cols["kind"].tolist()):
+        sel = cols["kind"] == kind
+        n_layers = int(cols["layer_index"][sel].max()) + 1
+        names, means, vars_, counts = [], [], [], []
+        for li in range(n_layers):
+            rows = sel & (cols["layer_index"] == li)
+            names.append(str(cols["layer"][rows][0]))
+            c = int(cols["channel"][rows].max()) + 1
+            m, v = np.zeros((len(domains), c)), np.zeros((len(domains), c))
+            cnt = np.zeros(len(domains), dtype=np.int64)
+            for d, dom in enumerate(domains):
+                r = rows & (cols["domain"] == dom)
+                m[d, cols["channel"][r]] = cols["mean"][r]
+                v[d, cols["channel"][r]] = cols["var"][r]
+                cnt[d] = int(cols["count"][r][0])
+            means.append(m), vars_.append(v), counts.append(cnt)
+        out[kind] = DomainStats(kind, names, means, vars_, counts)
+    return meta, out, domains
+
+
+def pairwise_w2(stats: DomainStats) -> np.ndarray:
+    """(S, S) W2 distances between domains, per-channel normalised and averaged over layers (as BNE measures)."""
+    from bne.embedding import gaussian_distance
+
+    per_layer = []
+    for m, v in zip(stats.mean, stats.var):
+        m, sd = torch.from_numpy(m), torch.from_numpy(np.sqrt(v))
+        per_layer.append(gaussian_distance(m[:, None], sd[:, None], m[None], sd[None], "w2"))
+    return torch.stack(per_layer).mean(0).numpy()

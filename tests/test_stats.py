@@ -70,3 +70,30 @@ def test_precise_running_stats_average_the_batch_statistics():
     torch.testing.assert_close(layer.running_var[1], torch.stack(ref_var).mean(0), rtol=1e-4, atol=1e-5)
     assert torch.equal(model.norm_layers()[5].running_mean[0], other)  # domain 0 untouched
     assert not model.training and layer.momentum == 0.1
+
+
+def test_stats_parquet_round_trip_and_cli(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from bne.cli import app
+    from bne.stats import pairwise_w2, read_stats_table
+
+    model = _tiny()
+    with torch.no_grad():
+        model.norm_layers()[0].running_mean[1] += 2.0  # domain b differs from a
+    st = running_stats(model.norm_layers())
+    table = pa.table(stats_table([st], ["a", "b"], dataset="syn", held_out="c")).replace_schema_metadata({"norm": "bn"})
+    pq.write_table(table, tmp_path / "stats.parquet")
+    meta, kinds, domains = read_stats_table(str(tmp_path / "stats.parquet"))
+    assert meta == {"norm": "bn"} and domains == ["a", "b"] and list(kinds) == ["running"]
+    back = kinds["running"]
+    for i in range(len(st.mean)):
+        np.testing.assert_allclose(back.mean[i], st.mean[i])
+        np.testing.assert_allclose(back.var[i], st.var[i])
+    w2 = pairwise_w2(back)
+    assert w2[0, 0] == 0 and w2[0, 1] == pytest.approx(w2[1, 0]) and w2[0, 1] > 0
+    res = CliRunner().invoke(app, ["stats", "show", str(tmp_path / "stats.parquet")])
+    assert res.exit_code == 0 and "pairwise W2" in res.output, res.output
+    assert CliRunner().invoke(app, ["stats", "show", str(tmp_path / "missing.parquet")]).exit_code == 1
