@@ -158,8 +158,8 @@ def leave_own_out_accuracy(out: BranchOutputs, domains: torch.Tensor, opts: Infe
 def option_grid(base: InferenceOptions, modes: tuple[str, ...] = MODES, embeddings=("running", "population", "instance_average")) -> list[InferenceOptions]:
     """Candidate inference options: embedding kind x distance x layer set x inverse-distance power."""
     return [
-        replace(base, instance_stats=m, embedding=e, distance=d, layers=l, weighting="inverse", power=p)
-        for m, e, d, l, p in itertools.product(modes, embeddings, DISTANCES, ("all", "early", "middle", "late"), (1.0, 2.0, 4.0, 8.0, 16.0))
+        replace(base, instance_stats=m, embedding=e, distance=d, layers=ls, weighting="inverse", power=p)
+        for m, e, d, ls, p in itertools.product(modes, embeddings, DISTANCES, ("all", "early", "middle", "late"), (1.0, 2.0, 4.0, 8.0, 16.0))
     ]
 
 
