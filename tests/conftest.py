@@ -57,3 +57,12 @@ def make_dataset(root: Path, styles=tuple(STYLES), per_class: int = 24, seed: in
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("synthetic"), size=64)
+
+
+def save_mode_variants(src: Path) -> None:
+    """Beside ``src``: the same picture as grayscale, RGBA, CMYK and palette files (all convertible to RGB)."""
+    rgb = Image.open(src).convert("RGB")
+    rgb.convert("L").save(src.parent / "gray.png")
+    rgb.convert("RGBA").save(src.parent / "rgba.png")
+    rgb.convert("CMYK").save(src.parent / "cmyk.jpg")
+    rgb.convert("P").save(src.parent / "palette.png")

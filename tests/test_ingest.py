@@ -6,7 +6,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_dataset
+from conftest import make_dataset, save_mode_variants
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -133,11 +133,7 @@ def test_bad_images_are_recorded_not_fatal(root, tmp_path):
 
 def test_grayscale_rgba_cmyk_palette_are_recorded_as_converted(root, tmp_path):
     folder = root / "yellow_on_blue" / "square"
-    rgb = Image.open(folder / "square_000.png").convert("RGB")
-    rgb.convert("L").save(folder / "gray.png")
-    rgb.convert("RGBA").save(folder / "rgba.png")
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    rgb.convert("P").save(folder / "palette.png")
+    save_mode_variants(folder / "square_000.png")
     ingest(root, tmp_path / "out", progress=False)
     rows = {r["path"].rsplit("/", 1)[1]: r for r in _rows(tmp_path / "out")}
     for name, mode in (("gray.png", "L"), ("rgba.png", "RGBA"), ("cmyk.jpg", "CMYK"), ("palette.png", "P")):

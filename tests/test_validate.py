@@ -6,7 +6,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_dataset
+from conftest import make_dataset, save_mode_variants
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -33,11 +33,7 @@ def _failed(report):
 
 def test_clean_dataset_with_converted_modes_passes(root, tmp_path):
     folder = root / "yellow_on_blue" / "square"
-    rgb = Image.open(folder / "square_000.png").convert("RGB")
-    rgb.convert("L").save(folder / "gray.png")
-    rgb.convert("RGBA").save(folder / "rgba.png")
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    rgb.convert("P").save(folder / "palette.png")
+    save_mode_variants(folder / "square_000.png")
     manifest = _ingest(root, tmp_path)
     report = validate_manifest(manifest, tmp_path / "reports")
     assert report["success"], summary(report)
