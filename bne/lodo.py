@@ -192,9 +192,10 @@ def run_fold(
     val_domains = torch.as_tensor(np.concatenate([np.full(len(a.val), d) for d, a in enumerate(sources)]))
     val = branch_outputs(model, val_images, val_labels, embeddings, cfg.eval.batch, device, cfg.eval.single_pass, desc=f"{target}: source val" if progress else "")
     opts = cfg.eval.options
-    selected, selected_score = (opts, leave_own_out_accuracy(val, val_domains, opts))
     if cfg.eval.select_options:
         selected, selected_score = select_options(val, val_domains, option_grid(opts))
+    else:
+        selected, selected_score = opts, leave_own_out_accuracy(val, val_domains, opts)
     val.save(eval_dir / "val_outputs.npz")
     np.save(eval_dir / "val_domains.npy", val_domains.numpy())
 
