@@ -149,12 +149,14 @@ def train(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train ``method`` on the source domains; ``out_dir/last.pt`` is written each epoch and resumed from.
 
     Each step draws ``per_domain_batch`` images from every source domain. BNE routes each sub-batch through
     its domain's branch; DeepAll forwards the same images as one mixed batch through an ordinary network.
     Both minimise the mean cross-entropy over all images of the step.
+    ``on_epoch(epoch, source_val_acc)`` is called after each epoch's checkpoint (a tuner may raise there to prune).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -239,6 +241,8 @@ def train(
             },
             ckpt,
         )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
 
