@@ -15,18 +15,268 @@ def main() -> None:
     """Batch Normalization Embeddings for domain generalization."""
 
 
+PARAMS = typer.Option(Path("params.yaml"), help="parameters file")
+WORK = typer.Option(Path("data"), help="root of the stage outputs (train/, stats/, embed/, tune/, eval/)")
+CACHE = typer.Option(Path("data/cache"), help="decoded image cache")
+MANIFEST = typer.Option(None, help="validated manifest (default: data/validated/<dataset>/manifest.parquet if present, else scan the dataset root)")
+SET = typer.Option(None, "--set", help="override a parameter: --set train.epochs=1 (repeatable)")
+PROGRESS = typer.Option(True, help="progress bars")
+TARGET = typer.Option(..., help="the held-out domain of the fold")
+
+
+def _fold_context(params: Path, manifest: Path | None, cache: Path, set_: list[str] | None, progress: bool, held_out: str | None = None):
+    """Configuration, dataset and memory-mapped arrays shared by the stage commands (``held_out``'s not opened)."""
+    from bne.lodo import load_params, prepare
+
+    try:
+        cfg = load_params(params, overrides=set_ or [])
+        if manifest is None:
+            default = Path("data/validated") / cfg.name / "manifest.parquet"
+            manifest = default if default.is_file() else None
+        dataset = None
+        if manifest is not None:
+            from bne.ingest import dataset_from_manifest
+
+            dataset = dataset_from_manifest(manifest)
+        dataset, arrays = prepare(cfg, cache, dataset, progress, log=lambda m: None, held_out=held_out)  # fixes: in the ingest report
+    except (ValueError, OSError) as e:
+        _fail(e)
+    return cfg, dataset, arrays
+
+
+@app.command()
+def train(target: str = TARGET, params: Path = PARAMS, work: Path = WORK, cache: Path = CACHE, manifest: Path = MANIFEST,
+          set_: list[str] = SET, progress: bool = PROGRESS) -> None:
+    """Stage train: DeepAll and BNE without TARGET, every seed; resumes from the last epoch checkpoint."""
+    from dataclasses import asdict, replace
+
+    from bne.lodo import FoldPaths, train_fold
+    from bne.train import pick_device
+
+    cfg, ds, arrays = _fold_context(params, manifest, cache, set_, progress, held_out=target)
+    extra = None
+    if (_params(params).get("tune") or {}).get("training", {}).get("enabled"):
+        from tasks.tune import TuneConfig, tuned_train_config
+
+        tcfg = TuneConfig.from_params(params, overrides=set_ or [])
+        best, study = tuned_train_config(cfg, tcfg, ds, cache / cfg.name / str(cfg.resolution), target,
+                                         FoldPaths(work, cfg.name, target).train(), pick_device(cfg.device))
+        cfg = replace(cfg, train=best)  # the best training hyper-parameters of the source-only study
+        extra = {"tuned_train": asdict(best), "train_study": study}
+    _run(lambda: train_fold(cfg, ds, arrays, target, work, progress=progress, extra=extra))
+
+
+@app.command()
+def embed(target: str = TARGET, params: Path = PARAMS, work: Path = WORK, cache: Path = CACHE, manifest: Path = MANIFEST,
+          set_: list[str] = SET, progress: bool = PROGRESS) -> None:
+    """Stage embed: branch outputs and per-layer distances of the sources' validation images."""
+    from bne.lodo import embed_fold
+
+    cfg, ds, arrays = _fold_context(params, manifest, cache, set_, progress, held_out=target)
+    _run(lambda: embed_fold(cfg, ds, arrays, target, work, progress=progress))
+
+
+@app.command()
+def tune(target: str = TARGET, params: Path = PARAMS, work: Path = WORK, reports: Path = typer.Option(None, help="study plots go to REPORTS/tune (default reports/<dataset>)"),
+         set_: list[str] = SET) -> None:
+    """Stage tune: an Optuna study of the BNE inference options on source validation (own branch left out)."""
+    from bne.lodo import load_params
+
+    from tasks.tune import TuneConfig, tune_fold
+
+    try:
+        cfg = load_params(params, overrides=set_ or [])
+        tcfg = TuneConfig.from_params(params, overrides=set_ or [])
+    except (ValueError, OSError) as e:
+        _fail(e)
+    _run(lambda: tune_fold(cfg, tcfg, target, work, reports or Path("reports") / cfg.name))
+
+
+@app.command()
+def evaluate(target: str = TARGET, params: Path = PARAMS, work: Path = WORK, cache: Path = CACHE, manifest: Path = MANIFEST,
+             set_: list[str] = SET, progress: bool = PROGRESS) -> None:
+    """Stage evaluate: the only stage that reads TARGET; every method, every seed."""
+    from bne.lodo import evaluate_fold
+
+    cfg, ds, arrays = _fold_context(params, manifest, cache, set_, progress)
+    _run(lambda: evaluate_fold(cfg, ds, arrays, target, work, progress=progress))
+
+
+@app.command()
+def report(params: Path = PARAMS, work: Path = WORK, reports: Path = typer.Option(None, help="default reports/<dataset>"),
+           manifest: Path = MANIFEST, set_: list[str] = SET) -> None:
+    """Stage report: metrics.json, metrics.md, details.json, ablation.json and figures from every fold."""
+    from bne.lodo import load_params, report as run_report
+
+    try:
+        cfg = load_params(params, overrides=set_ or [])
+        classes, targets = None, list(cfg.targets or [])
+        if manifest is None:
+            default = Path("data/validated") / cfg.name / "manifest.parquet"
+            manifest = default if default.is_file() else None
+        if manifest is not None:
+            from bne.ingest import read_manifest_meta
+
+            meta = read_manifest_meta(manifest)
+            classes, targets = meta["classes"], targets or meta["domains"]
+        if not targets:
+            raise ValueError(f"no folds: set dataset.folds in {params} or give --manifest")
+    except (ValueError, OSError) as e:
+        _fail(e)
+    _run(lambda: run_report(cfg, targets, work, reports or Path("reports") / cfg.name, classes))
+
+
+@app.command()
+def final(params: Path = PARAMS, out: Path = typer.Option(None, help="model folder (default data/final/<dataset>)"),
+          cache: Path = CACHE, manifest: Path = MANIFEST, set_: list[str] = SET, progress: bool = PROGRESS) -> None:
+    """Stage final: BNE trained on every domain (no held-out domain), the model `bne predict` uses."""
+    from bne.final import train_final
+
+    cfg, ds, arrays = _fold_context(params, manifest, cache, set_, progress)
+    _run(lambda: train_final(cfg, ds, arrays, out or Path("data/final") / cfg.name, progress=progress))
+
+
+def _default_model(params: Path) -> Path:
+    name = (_params(params).get("dataset") or {}).get("name", "pacs")
+    extended = Path("data/extend") / name / "model"
+    return extended if (extended / "model.json").is_file() else Path("data/final") / name
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
+    model: Path = typer.Option(None, help="model folder (default: data/extend/<dataset>/model if present, else data/final/<dataset>)"),
+    params: Path = typer.Option(Path("params.yaml"), help="eval.options from this file when it exists (else the model's own)"),
+    json_: Path = typer.Option(None, "--json", help="also write the predictions as JSON to this file"),
+    csv: Path = typer.Option(None, help="also write the predictions as CSV to this file"),
+) -> None:
+    """Class, probability and the weight of each source domain, per image; undecodable images are named and skipped."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bne.final import Predictor, image_files
+
+    try:
+        files = image_files(inputs)
+        pred = Predictor(model or _default_model(params))
+        if params.is_file() and (_params(params).get("eval") or {}).get("options") is not None:
+            from bne.lodo import load_params
+
+            pred.options = load_params(params).eval.options  # the current eval.options, as `bne evaluate` uses
+        rows, errors = pred.predict_files(files)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    table = Table(title=f"{len(rows)} image(s), model {pred.dir} (domains {', '.join(pred.domains)})")
+    for col in ("file", "class", "probability", *[f"w_{d}" for d in pred.domains]):
+        table.add_column(col, justify="left" if col in ("file", "class") else "right")
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    Console().print(table)
+    for e in errors:
+        typer.echo(f"skipped {e['file']}: {e['error']}", err=True)
+    if json_:
+        import json
+
+        json_.write_text(json.dumps({"model": str(pred.dir), "predictions": rows, "skipped": errors}, indent=2))
+    if csv:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(csv, index=False)
+    if errors and not rows:
+        raise typer.Exit(1)
+
+
+@app.command()
+def extend(params: Path = PARAMS, set_: list[str] = SET, reports: Path = typer.Option(None, help="default reports/<dataset>"),
+           progress: bool = PROGRESS) -> None:
+    """Stage extend: add the domains of `extend.domains` to the final model as new branches (statistics pass).
+
+    Each new domain is ingested and validated, measured as an unseen domain (existing branches), given its own
+    branch from its train images, and measured again; data/extend/<dataset>/ holds the model and a report.
+    """
+    from bne.lodo import load_params
+
+    try:
+        cfg = load_params(params, overrides=set_ or [])
+        raw = _params(params)
+        new = list((raw.get("extend") or {}).get("domains") or [])
+    except (ValueError, OSError) as e:
+        _fail(e)
+    _run(lambda: _extend(cfg, new, reports or Path("reports") / cfg.name, progress))
+
+
+def _extend(cfg, new: list[str], reports: Path, progress: bool) -> None:
+    import json
+    import os
+    import shutil
+
+    from bne.data import build_cache, load_cache
+    from bne.final import extend_with_domain
+    from bne.ingest import dataset_from_manifest, ingest as run_ingest
+    from tasks.validate import ValidationConfig, summary, validate_manifest
+
+    out = Path("data/extend") / cfg.name
+    final_dir = Path("data/final") / cfg.name
+    results = []
+    if new:
+        work = out / "work"
+        run_ingest(cfg.root, work / "ingest", None, None, cfg.val_fraction, 0, cfg.name, None, progress, domains=new)
+        report = validate_manifest(work / "ingest" / "manifest.parquet", work / "reports", ValidationConfig(), work / "validated" / "manifest.parquet")
+        if not report["success"]:
+            raise ValueError(f"new domain(s) {new} failed validation: {summary(report)}")
+        ds = dataset_from_manifest(work / "validated" / "manifest.parquet")
+        model_classes = json.loads((final_dir / "model.json").read_text())["classes"]
+        if ds.classes != model_classes:
+            raise ValueError(f"classes of {cfg.root} {ds.classes} differ from the final model's {model_classes}")
+        arrays = load_cache(ds, build_cache(ds, cfg.resolution, work / "cache", progress=progress))
+        current = final_dir
+        for i, name in enumerate(new):
+            step = out / f"step{i}"
+            results.append(extend_with_domain(current, arrays[name], step))
+            current = step
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(current, tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(tmp, out / "model")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    record = {"final_model": str(final_dir), "new_domains": new, "results": results}
+    from bne.lodo import _write_json
+
+    _write_json(out / "extend.json", record)
+    _write_json(reports / "new_domains.json", record)
+    lines = [f"# {cfg.name}: new domains\n\n"]
+    if not results:
+        lines.append("No new domains: the final model is current.\n")
+    else:
+        lines.append("| new domain | BNE as an unseen domain (existing branches) | BNE with its own branch | val images |\n|---|---|---|---|\n")
+        lines += [f"| {r['domain']} | {r['unseen_bne_acc']:.1f} | {r['own_branch_bne_acc']:.1f} | {r['val_images']} |\n" for r in results]
+    (reports / "new_domains.md").write_text("".join(lines))
+    typer.echo("".join(lines))
+
+
+def _run(fn) -> None:
+    """Run a stage; an expected failure (bad input, missing artifact) becomes one clear line and exit 1."""
+    try:
+        fn()
+    except (ValueError, OSError) as e:
+        _fail(e)
+
+
 @app.command()
 def lodo(
-    params: Path = typer.Option(Path("params.yaml"), help="parameters file"),
-    work: Path = typer.Option(Path("data/lodo"), help="checkpoints and per-fold outputs (resumable)"),
+    params: Path = PARAMS,
+    work: Path = WORK,
     reports: Path = typer.Option(None, help="where metrics.json and metrics.md go (default reports/<dataset>)"),
-    cache: Path = typer.Option(Path("data/cache"), help="decoded image cache"),
-    target: list[str] = typer.Option(None, help="held-out domain(s) to run (default: params, else all)"),
-    set_: list[str] = typer.Option(None, "--set", help="override a parameter: --set train.epochs=1 (repeatable)"),
-    manifest: Path = typer.Option(None, help="a validated manifest (pipeline); default: scan the dataset root of params"),
-    progress: bool = typer.Option(True, help="progress bars"),
+    cache: Path = CACHE,
+    target: list[str] = typer.Option(None, help="held-out domain(s) to run (default: dataset.domains, else all)"),
+    set_: list[str] = SET,
+    manifest: Path = typer.Option(None, help="a validated manifest; default: scan the dataset root of params"),
+    progress: bool = PROGRESS,
+    tuned: bool = typer.Option(True, help="run the Optuna tuning of the inference options (tune.* params)"),
 ) -> None:
-    """Leave-one-domain-out: DeepAll and BNE per held-out domain; writes metrics.json and a markdown table."""
+    """Every stage of leave-one-domain-out in one command (what `dvc repro` runs stage by stage)."""
     from dataclasses import replace
 
     from bne.lodo import load_params, run_lodo
@@ -39,7 +289,14 @@ def lodo(
         from bne.ingest import dataset_from_manifest
 
         dataset = dataset_from_manifest(manifest)
-    run_lodo(cfg, work / cfg.name, reports or Path("reports") / cfg.name, cache, progress=progress, dataset=dataset)
+    tuner = None
+    rep = reports or Path("reports") / cfg.name
+    if tuned:
+        from tasks.tune import TuneConfig, tune_fold
+
+        tcfg = TuneConfig.from_params(params, overrides=set_ or [])
+        tuner = lambda c, t, root: tune_fold(c, tcfg, t, root, rep)  # noqa: E731
+    _run(lambda: run_lodo(cfg, work, rep, cache, progress=progress, dataset=dataset, tuner=tuner))
 
 
 def _params(path: Path) -> dict:
@@ -142,6 +399,16 @@ def cache(
 
 stats_app = typer.Typer(help="Per-domain statistics artifacts (stats.parquet).", no_args_is_help=True)
 app.add_typer(stats_app, name="stats")
+
+
+@stats_app.command("extract")
+def stats_extract(target: str = TARGET, params: Path = PARAMS, work: Path = WORK, cache: Path = CACHE,
+                  manifest: Path = MANIFEST, set_: list[str] = SET) -> None:
+    """Stage stats: per-domain statistics of the fold's BNE model to WORK/stats/<dataset>/<target>.parquet."""
+    from bne.lodo import stats_fold
+
+    cfg, ds, arrays = _fold_context(params, manifest, cache, set_, False, held_out=target)
+    _run(lambda: stats_fold(cfg, ds, arrays, target, work))
 
 
 @stats_app.command("show")

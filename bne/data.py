@@ -222,10 +222,11 @@ def arrays_fingerprint(images: np.ndarray, labels: np.ndarray, train: np.ndarray
     return h.hexdigest()
 
 
-def load_cache(dataset: FolderDataset, cache_dir: Path | str) -> dict[str, DomainArrays]:
+def load_cache(dataset: FolderDataset, cache_dir: Path | str, skip: Sequence[str] = ()) -> dict[str, DomainArrays]:
+    """Memory-mapped arrays of every domain; the ``skip`` domains' files are not opened (a held-out domain)."""
     cache_dir = Path(cache_dir)
     out = {}
-    for d in dataset.domains:
+    for d in [d for d in dataset.domains if d not in skip]:
         samples = dataset.of(d)
         images = np.load(cache_dir / f"{d}.npy", mmap_mode="r")
         if images.shape[0] != len(samples):

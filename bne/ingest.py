@@ -25,7 +25,7 @@ import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -176,13 +176,20 @@ def ingest(
     name: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    domains: list[str] | None = None,
 ) -> dict:
     """Write ``out_dir/manifest.parquet`` and ``out_dir/ingest_report.json``; returns the report.
 
-    ``sums`` defaults to ``SHA256SUMS`` in ``source`` or its parent, when there is one.
+    ``sums`` defaults to ``SHA256SUMS`` in ``source`` or its parent, when there is one. ``domains``: only
+    these domains of ``source`` (for example new ones), with labels still indexed over every class of ``source``.
     """
     source, out_dir = Path(source), Path(out_dir)
     ds = load_folder_dataset(source, splits, val_fraction, seed, require_all_classes=False)
+    if domains is not None:
+        unknown = sorted(set(domains) - set(ds.domains))
+        if unknown:
+            raise ValueError(f"domain(s) {unknown} not found under {source} (domains: {ds.domains})")
+        ds = replace(ds, domains=[d for d in ds.domains if d in domains], samples=[s for s in ds.samples if s.domain in domains])
     fixes = list(ds.fixes)
     paths = [s.path for s in ds.samples]
     if splits is not None:
@@ -224,7 +231,7 @@ def ingest(
         "images": len(rows),
         "converted": {r["path"]: r["converted"] for r in rows if r["converted"]},
         "undecodable": {r["path"]: r["error"] for r in rows if r["error"]},
-        "ignored": _ignored_files(source, set(paths)),
+        "ignored": [f for f in _ignored_files(source, set(paths)) if domains is None or f.split("/")[0] in domains],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta)}))

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bne.norm import (
+    BatchGroupNorm2d,
+    CrossIterationBatchNorm2d,
+    InstanceEnhancementBatchNorm2d,
+    MemorizedBatchNorm2d,
+    ProxyNorm2d,
+)
 from bne.norm.dsbn import DomainBatchNorm2d, Recorder, domain_norm_layers, domain_route
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+#: Domain-specific normalization layers (docs/NORMS.md): DSBN, Batch Group Norm, Cross-Iteration BN,
+#: Memorized BN, Instance-Enhancement BN, Proxy Norm (after GroupNorm).
+NORMS = ("bn", "bgn", "cbn", "mbn", "iebn", "proxynorm")
+#: The activation following the backbone's normalization layers: Proxy Norm's phi.
+ACTIVATION = {"efficientnet_lite0": "relu6", "resnet18": "relu", "resnet50": "relu"}
 
 # Input normalization each backbone was pretrained with. Lite0's weights come from TensorFlow and expect
 # [-1, 1] inputs: its stem BN running variance matches that scaling, not ImageNet mean/std (5x off).
@@ -34,6 +47,16 @@ class ModelSpec:
     domain_affine: bool = False
     dropout: float = 0.2
     drop_connect: float = 0.2
+    norm: str = "bn"  # domain-specific normalization layer, one of NORMS
+    norm_groups: int = 32  # bgn: groups G of the batch statistics; proxynorm: GroupNorm groups (gcd with C)
+    cbn_window: int = 4  # cbn: iterations averaged, the current one included (k; the authors' buffer of 3)
+    cbn_burnin: int = 50  # cbn: plain BN for a domain's first iterations, before cross-iteration statistics
+    mbn_window: int = 4  # mbn: batches pooled, the current one included (k)
+    proxy_eps: float = 0.03  # proxynorm: epsilon of the proxy variance
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
 
 
 def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -98,15 +121,51 @@ def build_backbone(spec: ModelSpec) -> nn.Module:
     return net
 
 
-def convert_to_domain_specific(net: nn.Module, num_domains: int, domain_affine: bool = False) -> nn.Module:
-    """Replace every BatchNorm2d of ``net`` (in place) by a DomainBatchNorm2d starting from its state."""
+def domain_norm(
+    bn: nn.BatchNorm2d, num_domains: int, domain_affine: bool, spec: ModelSpec, source: nn.Module | None = None
+) -> DomainBatchNorm2d:
+    """The ``spec.norm`` layer replacing ``bn``, starting from its state; ``source`` is the conv feeding ``bn``."""
+    common = {"num_domains": num_domains, "domain_affine": domain_affine}
+    if spec.norm == "bn":
+        return DomainBatchNorm2d.from_batchnorm(bn, **common)
+    if spec.norm == "bgn":
+        return BatchGroupNorm2d.from_batchnorm(bn, groups=spec.norm_groups, **common)
+    if spec.norm == "cbn":
+        return CrossIterationBatchNorm2d.from_batchnorm(
+            bn, window=spec.cbn_window, burnin=spec.cbn_burnin, source=source, **common
+        )
+    if spec.norm == "mbn":
+        return MemorizedBatchNorm2d.from_batchnorm(bn, window=spec.mbn_window, **common)
+    if spec.norm == "iebn":
+        return InstanceEnhancementBatchNorm2d.from_batchnorm(bn, **common)
+    if spec.norm == "proxynorm":
+        return ProxyNorm2d.from_batchnorm(
+            bn, groups=spec.norm_groups, activation=ACTIVATION.get(spec.backbone, "relu"), proxy_eps=spec.proxy_eps, **common
+        )
+    raise ValueError(f"unknown norm {spec.norm!r}; choose one of {NORMS}")
+
+
+def convert_to_domain_specific(
+    net: nn.Module, num_domains: int, domain_affine: bool = False, spec: ModelSpec | None = None
+) -> nn.Module:
+    """Replace every BatchNorm2d of ``net`` (in place) by a domain-specific layer starting from its state.
+
+    The layer type and its hyper-parameters come from ``spec`` (default: DomainBatchNorm2d). Each layer's
+    ``source`` (used by CBN) is the last Conv2d before it in module order with matching output channels.
+    """
+    spec = spec or ModelSpec()
+    last_conv: nn.Conv2d | None = None
 
     def visit(module: nn.Module, prefix: str) -> None:
+        nonlocal last_conv
         for name, child in module.named_children():
             full = f"{prefix}{name}"
             if isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, DomainBatchNorm2d.from_batchnorm(child, num_domains, domain_affine=domain_affine))
+                source = last_conv if last_conv is not None and last_conv.out_channels == child.num_features else None
+                setattr(module, name, domain_norm(child, num_domains, domain_affine, spec, source))
                 getattr(module, name).layer_name = full
+            elif isinstance(child, nn.Conv2d):
+                last_conv = child
             else:
                 visit(child, full + ".")
 
@@ -130,6 +189,9 @@ def classifier(net: nn.Module, backbone: str) -> nn.Module:
 class DGNet(nn.Module):
     """A backbone plus input normalization; domain-specific when ``spec.domains`` is not empty.
 
+    The normalization layers are ``spec.norm`` (one of NORMS). DeepAll (no domains) keeps the backbone's
+    BatchNorm2d for ``bn``; other norms get one-domain layers of that type, every sample in domain 0.
+
     ``forward(x, domains)``: ``x`` holds images scaled to [0, 1]; ``domains`` gives the domain index of
     each contiguous, equally sized chunk of ``x`` (or of one chunk per entry of ``sizes``).
     """
@@ -139,7 +201,9 @@ class DGNet(nn.Module):
         self.spec = spec
         net = build_backbone(spec)
         if spec.domains:
-            convert_to_domain_specific(net, len(spec.domains), spec.domain_affine)
+            convert_to_domain_specific(net, len(spec.domains), spec.domain_affine, spec)
+        elif spec.norm != "bn":  # DeepAll with the same layer type: one domain, every sample routed to it
+            convert_to_domain_specific(net, 1, spec.domain_affine, spec)
         self.net = net
         mean, std = INPUT_MEAN_STD[spec.backbone]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -163,7 +227,9 @@ class DGNet(nn.Module):
         if not self.num_domains:
             if domains is not None:
                 raise ValueError("this network is not domain-specific; call it without domains")
-            return self.net(x)
+            # DeepAll with a norm other than bn has one-domain layers: route the whole batch to domain 0
+            with nullcontext() if self.spec.norm == "bn" else domain_route([0], [x.shape[0]], recorder):
+                return self.net(x)
         if domains is None:
             raise ValueError(f"a domain-specific network needs domains= (indices into {list(self.spec.domains)})")
         domains = [domains] if isinstance(domains, int) else list(domains)

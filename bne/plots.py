@@ -42,3 +42,50 @@ def weight_histograms(weights: dict[str, np.ndarray], sources: dict[str, list[st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def confusion_matrices(confusions: dict[str, dict[str, list]], classes: list[str] | None, path: Path) -> None:
+    """Per target, DeepAll's and BNE's confusion matrices (rows: true class, normalised per row)."""
+    methods = list(next(iter(confusions.values())))
+    fig, axes = plt.subplots(len(methods), len(confusions), figsize=(3.3 * len(confusions), 3.1 * len(methods)), squeeze=False)
+    for j, (target, per_method) in enumerate(confusions.items()):
+        for i, m in enumerate(methods):
+            c = np.asarray(per_method[m], dtype=float)
+            c = c / np.maximum(1, c.sum(1, keepdims=True))
+            ax = axes[i][j]
+            ax.imshow(c, vmin=0, vmax=1, cmap="Blues")
+            names = classes or [str(k) for k in range(len(c))]
+            ax.set_xticks(range(len(c)), names, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(c)), names, fontsize=6)
+            for (r, k), v in np.ndenumerate(c):
+                if v >= 0.05:
+                    ax.text(k, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=5, color="white" if v > 0.6 else "black")
+            ax.set_title(f"{target}: {m} ({100 * np.trace(np.asarray(per_method[m])) / max(1, np.sum(per_method[m])):.1f}%)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def embedding_maps(maps: dict[str, tuple[list[str], dict]], path: Path) -> None:
+    """Per target: the source domains and a sample of target images in 2-D.
+
+    Each image is placed by its vector of distances to the source domains' statistics (the space BNE weights
+    in), projected on the two principal axes of the source validation images; a domain sits at the mean of
+    its validation images. Target points are coloured by their nearest source domain.
+    """
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps), 3.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (target, (sources, m)) in zip(axes[0], maps.items()):
+        xy = np.asarray(m["target_xy"]).reshape(-1, 2)
+        near = np.asarray(m["target_nearest"])
+        for d, name in enumerate(sources):
+            sel = near == d
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=5, alpha=0.4, color=colours[d % len(colours)])
+            dx, dy = m["domain_xy"][d]
+            ax.scatter([dx], [dy], s=120, marker="*", edgecolor="black", color=colours[d % len(colours)], label=name, zorder=3)
+        ax.set_title(f"held out: {target} ({len(xy)} images)", fontsize=9)
+        ax.set_xlabel("PC 1 of distance profile", fontsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -97,11 +97,13 @@ def population_stats(
     model: torch.nn.Module,
     batches_per_domain: Iterable[tuple[int, Iterable[torch.Tensor]]],
     device: torch.device | str = "cpu",
+    partial: bool = False,
 ) -> tuple[DomainStats, DomainStats]:
     """Exact population and averaged instance statistics of every layer's input, per domain.
 
     One no-grad pass in eval mode: domain d's images go through branch d (earlier layers normalized
-    with domain d's running statistics). Returns (population, instance_average).
+    with domain d's running statistics). Returns (population, instance_average). ``partial``: domains
+    without images keep zero rows (for adding one new domain) instead of raising.
     """
     model.eval()
     layers = model.norm_layers()
@@ -121,7 +123,7 @@ def population_stats(
         for i in range(len(layers)):
             pop["mean"][i][d], pop["var"][i][d], pop_n[i][d] = acc.population(i)
             inst["mean"][i][d], inst["var"][i][d], inst_n[i][d] = acc.instance_average(i)
-    if seen != set(range(s)):
+    if seen != set(range(s)) and not partial:
         raise ValueError(f"population statistics need every domain; missing indices {sorted(set(range(s)) - seen)}")
     names = [layer.layer_name for layer in layers]
     return (
@@ -160,7 +162,7 @@ def precise_running_stats(
         model.eval()
 
 
-def stats_table(stats: Iterable[DomainStats], domains: list[str], **columns: str) -> dict[str, list]:
+def stats_table(stats: Iterable[DomainStats], domains: list[str], **columns: str | int) -> dict[str, list]:
     """Long-format columns (domain, layer, layer_index, channel, mean, var, count, kind) for Parquet."""
     out: dict[str, list] = {k: [] for k in (*columns, "domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind")}
     for st in stats:
@@ -180,12 +182,23 @@ def stats_table(stats: Iterable[DomainStats], domains: list[str], **columns: str
     return out
 
 
-def read_stats_table(path: str) -> tuple[dict, dict[str, DomainStats], list[str]]:
-    """A ``stats.parquet`` back as (schema metadata, {kind: DomainStats}, domains)."""
+def read_stats_table(path: str, seed: int | None = None) -> tuple[dict, dict[str, DomainStats], list[str]]:
+    """A ``stats.parquet`` back as (schema metadata, {kind: DomainStats}, domains).
+
+    Files with a ``seed`` column hold one model per seed: ``seed`` picks one (default: the first).
+    """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if "seed" in table.column_names:
+        seeds = list(dict.fromkeys(table.column("seed").to_pylist()))
+        if seed is None:
+            seed = seeds[0]
+        if seed not in seeds:
+            raise ValueError(f"{path}: no statistics for seed {seed} (seeds {seeds})")
+        table = table.filter(pc.equal(table.column("seed"), seed))
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind")}
     domains = list(dict.fromkeys(cols["domain"].tolist()))
     out = {}

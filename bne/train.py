@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from bne.data import Augment, AugmentConfig, DomainArrays, domain_batches, to_tensor
 from bne.model import DGNet, ModelSpec, classifier, stages
+from bne.norm.mbn import double_forward
 
 METHODS = ("deepall", "bne")
 
@@ -69,6 +71,14 @@ def seed_everything(seed: int) -> None:
 def config_hash(*parts: object) -> str:
     blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def spec_key(spec: ModelSpec) -> dict:
+    """The settings of ``spec`` that change the network: with ``norm: bn`` the other layers' knobs drop out."""
+    d = asdict(spec)
+    if d.get("norm", "bn") == "bn":
+        d = {k: v for k, v in d.items() if k != "norm" and not k.startswith(("norm_", "bgn_", "cbn_", "mbn_", "iebn_", "proxy_"))}
+    return d
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -165,7 +175,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = tuple(a.name for a in sources)
     spec = ModelSpec(**{**asdict(spec), "domains": names if method == "bne" else ()})
-    key = config_hash(method, spec, cfg, resolution, names, [a.fingerprint or len(a.train) for a in sources])
+    key = config_hash(method, spec_key(spec), cfg, resolution, names, [a.fingerprint or len(a.train) for a in sources])
 
     seed_everything(cfg.seed)
     model = DGNet(spec).to(device)
@@ -200,6 +210,7 @@ def train(
         seed_everything(cfg.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         model.train()
+        t_epoch = time.time()
         running = 0.0
         bar = tqdm(
             domain_batches([a.train for a in sources], b, steps, gen),
@@ -222,11 +233,14 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if spec.norm == "mbn":  # Memorized BN's Double-Forward: re-memorise this batch's statistics with the new weights
+                with torch.no_grad(), _autocast(device):
+                    double_forward(model, x, domains=list(range(s)) if method == "bne" else None)
             running += loss.item()
             if progress:
                 bar.set_postfix(loss=f"{running / (i + 1):.3f}")
         val = source_val_accuracy(model, sources, cfg.eval_batch, device)
-        history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val})
+        history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val, "seconds": round(time.time() - t_epoch, 1)})
         log(f"{method} epoch {epoch + 1}/{cfg.epochs}: loss {running / steps:.4f}, source-val acc {val:.4f}")
         if cfg.select == "best" and val >= max(h["source_val_acc"] for h in history):
             atomic_save(model.state_dict(), out_dir / "best.pt")

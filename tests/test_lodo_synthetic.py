@@ -50,8 +50,29 @@ def test_reports_have_the_promised_shape(lodo_run):
         assert 0 <= on_disk["mean"][k] <= 100
     table = (tmp / "reports" / "metrics.md").read_text()
     assert "| green_on_black |" in table and "| mean |" in table
-    assert list((tmp / "work" / "green_on_black" / "seed0").glob("eval-*/stats.parquet"))
-    assert (tmp / "reports" / "accuracy.png").stat().st_size > 0 and (tmp / "reports" / "bne_weights.png").is_file()
+    assert (tmp / "work" / "stats" / "syn" / "green_on_black.parquet").is_file()
+    for fig in ("accuracy.png", "bne_weights.png", "confusion.png", "embedding_map.png"):
+        assert (tmp / "reports" / fig).stat().st_size > 0
+    fold = json.loads((tmp / "reports" / "details.json").read_text())["folds"][0]
+    n_target = 24 * 3  # every image of the held-out style
+    assert sum(map(sum, fold["confusion"]["bne"])) == n_target == sum(map(sum, fold["confusion"]["deepall"]))
+    assert abs(sum(fold["mean_weights"]) - 1) < 1e-5
+
+
+def test_statistics_parquet_has_the_documented_schema(lodo_run):
+    import pyarrow.parquet as pq
+
+    _, tmp, _ = lodo_run
+    t = pq.read_table(tmp / "work" / "stats" / "syn" / "green_on_black.parquet")
+    for col in ("dataset", "held_out", "seed", "domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind"):
+        assert col in t.column_names
+    meta = {k.decode(): v.decode() for k, v in t.schema.metadata.items()}
+    for key in ("checkpoint_sha256", "params_hash", "norm", "created_at"):
+        assert meta[key]
+    df = t.to_pandas()
+    assert set(df["held_out"]) == {"green_on_black"} and "green_on_black" not in set(df["domain"])
+    assert set(df["kind"]) == {"running", "population", "instance_average"}
+    assert (df["var"] >= 0).all() and (df.loc[df["kind"] == "population", "count"] > 0).all()
 
 
 def test_target_never_reaches_training_or_selection(lodo_run, monkeypatch):
@@ -87,7 +108,12 @@ def test_target_never_reaches_training_or_selection(lodo_run, monkeypatch):
         return real_branch_outputs(model, images, *a, **k)
 
     monkeypatch.setattr(lodo, "branch_outputs", tracking)
-    lodo.run_fold(cfg, ds, arrays, "green_on_black", 0, tmp / "work_again", log=lambda m: None, progress=False)
+    root = tmp / "work_again"
+    for stage in (lodo.train_fold, lodo.stats_fold, lodo.embed_fold):
+        stage(cfg, ds, arrays, "green_on_black", root, log=lambda m: None)
+        assert not reads, f"{stage.__name__} read held-out images"
+    lodo.passthrough_tune(cfg, "green_on_black", root)
+    lodo.evaluate_fold(cfg, ds, arrays, "green_on_black", root, log=lambda m: None, progress=False)
     assert order == ["source", "target"] and reads
 
 
