@@ -7,7 +7,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run test clean-work
+.PHONY: install run test smoke serve stop clean-work
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,19 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# Every stage on a tiny PACS subset (6 images per domain and class, 64 px, one epoch) in a temporary copy of
+# the project, through the Prefect flow: the main results are not touched.
+smoke: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/dg_pipeline.py --smoke
+
+# A local Prefect server on 127.0.0.1 (SQLite under .prefect/) and the process serving the deployments
+# dg-pipeline/pacs, dg-pipeline/smoke and dg-pipeline/retrain-new-domains; `make stop` stops both.
+serve: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/serve.py --detach
+
+stop:
+	@$(PY) flows/serve.py --stop
 
 clean-work:
 	rm -rf data/lodo data/cache
