@@ -11,12 +11,13 @@ with the cores other processes kept busy meanwhile (details.*.load).
   on augmented source images at the params' resolution.
 * ``loader_vs_trainer_throughput``: images/s of the training loader (``bne.data.Augment`` over the cached uint8
   arrays, a step's batch as ``bne.train`` draws it) over the faster trainer's images/s (goal >= 3).
-* ``bne_inference_vs_branch_forwards``: BNE inference time per image (``evaluate.branch_outputs``: the S x B
-  batched forward with the per-branch instance-statistics recorder and the distances, then ``bne_predict``)
+* ``bne_inference_vs_branch_forwards``: BNE inference time per image (``evaluate.bne_inference``, what
+  ``bne predict`` runs: the S x B batched forward with the per-branch instance-statistics recorder, the distances
+  for the configured options, the weights and the ensemble)
   over S plain forwards of one branch on the same B images (goal <= 1.1).
-* ``single_pass_vs_deepall``: single-pass BNE as ``evaluate.branch_outputs(single_pass=True)`` runs it (the
+* ``single_pass_vs_deepall``: single-pass BNE as ``evaluate.bne_inference`` runs it (the
   S-branch forward still gives the probabilities; one more forward with the domains' mean statistics gives
-  the instance statistics), then ``bne_predict`` with ``instance_stats=single_pass``, over DeepAll's plain
+  the instance statistics and the weights), over DeepAll's plain
   forward (``plain_probs``). No goal; ``bne_inference_vs_deepall`` is shown beside it for reference, and
   ``batched_forward_vs_branch_forwards`` (the S x B forward alone) says how much of BNE's cost is the batching.
 * ``stats_extraction_images_per_s``: ``bne.stats.population_stats`` over source train images.
@@ -64,7 +65,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
 from bne.data import Augment, DomainArrays, build_cache, domain_batches, load_cache, load_folder_dataset, to_tensor  # noqa: E402
-from bne.evaluate import bne_predict, branch_outputs, plain_probs  # noqa: E402
+from bne.evaluate import bne_inference, plain_probs  # noqa: E402
 from bne.lodo import LodoConfig, load_params  # noqa: E402
 from bne.model import DGNet, ModelSpec  # noqa: E402
 from bne.stats import population_stats, running_stats  # noqa: E402
@@ -323,10 +324,9 @@ def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, de
     chunks = [slice(i, min(len(images), i + batch)) for i in range(0, len(images), batch)]
     bne_model.eval(), deep_model.eval()
 
-    def bne(k):
+    def bne(k):  # the deployed path (bne predict): S x B forward with the recorder, one distance, weights, ensemble
         sl = chunks[k]
-        out = branch_outputs(bne_model, images[sl], labels[sl], emb, batch, device, single_pass=False)
-        bne_predict(out, opts)
+        bne_inference(bne_model, images[sl], emb[opts.embedding], opts, batch, device)
         return sl.stop - sl.start
 
     @torch.no_grad()
@@ -343,10 +343,9 @@ def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, de
         bne_model.branches(to_tensor(images[sl]).to(device))
         return sl.stop - sl.start
 
-    def single_pass(k):
+    def single_pass(k):  # one pass with the averaged statistics for the weights, then the S branches
         sl = chunks[k]
-        out = branch_outputs(bne_model, images[sl], labels[sl], emb, batch, device, single_pass=True)
-        bne_predict(out, opts_sp)
+        bne_inference(bne_model, images[sl], emb[opts.embedding], opts_sp, batch, device)
         return sl.stop - sl.start
 
     def deepall(k):

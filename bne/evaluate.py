@@ -108,6 +108,39 @@ def branch_outputs(
     )
 
 
+@torch.no_grad()
+def bne_inference(
+    model: DGNet, images: np.ndarray, embedding: DomainStats, opts: InferenceOptions, batch: int, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BNE as deployed: class probabilities (N, K) and domain weights (S, N) for one set of options.
+
+    The lean path of :func:`branch_outputs` (which records every embedding kind and distance for analysis):
+    one (S x B) forward per batch with per-branch instance statistics, or, with ``single_pass``, one pass with
+    the domains' averaged statistics for the weights and then the branches for the probabilities.
+    """
+    model.eval()
+    layer_mean = layer_mean_matrix([layer.num_features for layer in model.norm_layers()])
+    md = torch.from_numpy(np.concatenate(embedding.mean, 1)).float().unsqueeze(1)
+    sd = torch.from_numpy(np.sqrt(np.concatenate(embedding.var, 1))).float().unsqueeze(1)
+    s = model.num_domains
+    probs, weights = [], []
+    for sl in _batches(len(images), batch):
+        x = to_tensor(images[sl]).to(device)
+        rec = InstanceRecorder()
+        if opts.instance_stats == "single_pass":
+            model(x, domains=MEAN_DOMAIN, recorder=rec)
+            p = torch.softmax(model.branches(x).float(), -1).cpu()
+        else:
+            p = torch.softmax(model.branches(x, recorder=rec).float(), -1).cpu()
+        n = len(rec.mean)
+        mx = torch.cat([rec.mean[i] for i in range(n)], -1).cpu().view(-1, x.shape[0], layer_mean.shape[0])
+        sx = torch.cat([rec.std[i] for i in range(n)], -1).cpu().view(-1, x.shape[0], layer_mean.shape[0])
+        w = bne_weights(per_layer_distances(mx, sx, md, sd, opts.distance, layer_mean).expand(s, -1, -1), opts)
+        probs.append(ensemble(p, w))
+        weights.append(w)
+    return torch.cat(probs), torch.cat(weights, 1)
+
+
 def _dists(out: BranchOutputs, opts: InferenceOptions) -> torch.Tensor:
     key = (opts.instance_stats, opts.embedding, opts.distance)
     if key not in out.dists:

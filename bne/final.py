@@ -23,7 +23,7 @@ import torch
 
 from bne.data import DomainArrays, FolderDataset, decode_image, to_tensor
 from bne.embedding import InferenceOptions
-from bne.evaluate import accuracy, bne_predict, branch_outputs, options_dict
+from bne.evaluate import accuracy, bne_inference, options_dict
 from bne.lodo import LodoConfig, _write_json, file_sha256, for_dataset, options_from_dict
 from bne.model import DGNet, ModelSpec
 from bne.stats import population_stats, precise_running_stats, read_stats_table, running_stats, stats_table
@@ -129,12 +129,9 @@ class Predictor:
     def classes(self) -> list[str]:
         return list(self.info["classes"])
 
-    def predict_arrays(self, images: np.ndarray, labels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_arrays(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """BNE class probabilities (N, K) and domain weights (S, N) of uint8 HWC images at the model's resolution."""
-        labels = np.zeros(len(images), dtype=np.int64) if labels is None else labels
-        out = branch_outputs(self.model, images, labels, self.embeddings, self.batch, self.device,
-                             single_pass=self.options.instance_stats == "single_pass")
-        return bne_predict(out, self.options)
+        return bne_inference(self.model, images, self.embeddings[self.options.embedding], self.options, self.batch, self.device)
 
     def predict_files(self, files: list[Path]) -> tuple[list[dict], list[dict]]:
         """Per decodable file: class, probability, weight per domain; and the files that did not decode."""
@@ -200,7 +197,7 @@ def extend_with_domain(
     if pred.model.spec.domain_affine:
         raise ValueError("domain-specific affine parameters need a gradient step per new domain: not supported here")
     val_x, val_y = arrays.images[np.sort(arrays.val)], arrays.labels[np.sort(arrays.val)]
-    before_probs, before_w = pred.predict_arrays(val_x, val_y)
+    before_probs, before_w = pred.predict_arrays(val_x)
     before = accuracy(before_probs, torch.as_tensor(val_y))
     old = {k: v.clone() for k, v in pred.model.state_dict().items()}
     s = pred.model.num_domains
@@ -217,7 +214,7 @@ def extend_with_domain(
     stand_in = [arrays] * len(names)  # only the new index is read (``only``)
     tables += _stats_tables(pred.model, stand_in, names, pred.info["dataset"], pred.batch, pred.device, only=s)
     _, pred.embeddings, _ = _embeddings_from(tables)
-    after_probs, after_w = pred.predict_arrays(val_x, val_y)
+    after_probs, after_w = pred.predict_arrays(val_x)
     after = accuracy(after_probs, torch.as_tensor(val_y))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

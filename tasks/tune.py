@@ -450,7 +450,7 @@ def tune_fold(cfg: LodoConfig, tcfg: TuneConfig, target: str, root: Path | str, 
     """The ``tune`` stage of one fold: per seed, a study of the inference options on the ``embed`` outputs.
 
     Writes ``<root>/tune/<dataset>/<target>/best.json`` (read by ``evaluate``), the study journal beside it (unless
-    ``tune.storage`` is an RDB URL) and the study plots to ``reports/tune/<target>-seed<seed>/``. The study name
+    ``tune.storage`` is an RDB URL) and the study plots to ``reports/tune/<target>/seed<seed>/``. The study name
     carries a digest of the source-validation outputs, so a retrained model starts a new study.
     """
     from bne.lodo import FoldPaths, _write_json, load_val, passthrough_tune
@@ -470,7 +470,7 @@ def tune_fold(cfg: LodoConfig, tcfg: TuneConfig, target: str, root: Path | str, 
                                       "trials": r["n_trials"], "study_name": name}
         if reports is not None:
             study = optuna.load_study(study_name=name, storage=open_storage(storage))
-            save_study_plots(study, Path(reports) / "tune" / f"{target}-seed{seed}")
+            save_study_plots(study, Path(reports) / "tune" / target / f"seed{seed}")
         print(f"{target} seed {seed}: {r['n_trials']} trials, source score {r['baseline_value']:.4f} -> {r['best_value']:.4f}")
     _write_json(paths.tune / "best.json", record)
     return record

@@ -1,0 +1,31 @@
+"""The deployed BNE path (one set of options) agrees with the analysis path that records every option."""
+
+import numpy as np
+import pytest
+import torch
+
+from bne.embedding import InferenceOptions
+from bne.evaluate import bne_inference, bne_predict, branch_outputs
+from bne.model import DGNet, ModelSpec
+from bne.stats import population_stats, running_stats
+
+
+@pytest.mark.parametrize("opts", [
+    InferenceOptions(),
+    InferenceOptions(embedding="population", distance="kl", layers="late", weighting="softmax", temperature=0.5),
+    InferenceOptions(instance_stats="single_pass", power=3.0, aggregate="sum"),
+])
+def test_bne_inference_matches_branch_outputs(opts):
+    torch.manual_seed(0)
+    model = DGNet(ModelSpec(backbone="resnet18", weights="none", num_classes=3, domains=("a", "b")))
+    model.train()
+    for d in (0, 1):  # give the two branches different statistics
+        model(torch.rand(8, 3, 32, 32) * (0.5 + d), domains=d)
+    images = (np.random.default_rng(0).random((10, 32, 32, 3)) * 255).astype(np.uint8)
+    pop, inst = population_stats(model, [(d, [torch.rand(4, 3, 32, 32) * (0.5 + d)]) for d in (0, 1)])
+    emb = {"running": running_stats(model.norm_layers()), "population": pop, "instance_average": inst}
+    out = branch_outputs(model, images, np.zeros(10, dtype=np.int64), emb, 4, torch.device("cpu"), single_pass=True)
+    want_p, want_w = bne_predict(out, opts)
+    p, w = bne_inference(model, images, emb[opts.embedding], opts, 4, torch.device("cpu"))
+    torch.testing.assert_close(w, want_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p, want_p, rtol=1e-4, atol=1e-5)
