@@ -93,7 +93,8 @@ def smoke_project(dest: Path, source: Path | None = None, per_class: int = 6) ->
     """A throw-away copy of the project (git + DVC initialised) whose dataset is a tiny subset of ``source``.
 
     The subset takes the first ``per_class`` images of every domain and class (sorted by name); without split
-    files the project's seeded stratified split applies. The main project's results are never touched.
+    files the project's seeded stratified split applies. One held-out fold (the first domain) runs every
+    per-fold stage; the final model uses every domain. The main project's results are never touched.
     """
     dest = Path(dest)
     for item in PROJECT_FILES:
@@ -112,7 +113,7 @@ def smoke_project(dest: Path, source: Path | None = None, per_class: int = 6) ->
             for img in sorted(p for p in (source / d / c).iterdir() if p.is_file())[:per_class]:
                 shutil.copy(img, subset / d / c / img.name)
     apply_overrides(dest, [*SMOKE_OVERRIDES, f"dataset.root={subset}", "dataset.splits=''", "dataset.val_fraction=0.34",
-                           f"dataset.domains={domains}".replace("'", ""), f"dataset.folds={domains}".replace("'", "")])
+                           f"dataset.domains={domains}".replace("'", ""), f"dataset.folds=[{domains[0]}]"])
     run = lambda *a: subprocess.run(a, cwd=dest, check=True, capture_output=True, env=_env())  # noqa: E731
     run("git", "init", "-q")
     run(sys.executable, "-m", "dvc", "init", "-q")
