@@ -65,7 +65,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
 from bne.data import Augment, DomainArrays, build_cache, domain_batches, load_cache, load_folder_dataset, to_tensor  # noqa: E402
-from bne.evaluate import bne_inference, plain_probs  # noqa: E402
+from bne.evaluate import bne_inference, branch_chunk, plain_probs  # noqa: E402
 from bne.lodo import LodoConfig, load_params  # noqa: E402
 from bne.model import DGNet, ModelSpec  # noqa: E402
 from bne.stats import population_stats, running_stats  # noqa: E402
@@ -321,12 +321,14 @@ def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, de
     opts = replace(cfg.eval.options, instance_stats="per_branch")
     opts_sp = replace(cfg.eval.options, instance_stats="single_pass")
     emb = {opts.embedding: embeddings[opts.embedding]}
+    chunk = branch_chunk(cfg.eval.branch_chunk, batch, device)  # eval.branch_chunk (auto: one branch per forward on CPU)
+    settings["branch_chunk"] = chunk
     chunks = [slice(i, min(len(images), i + batch)) for i in range(0, len(images), batch)]
     bne_model.eval(), deep_model.eval()
 
     def bne(k):  # the deployed path (bne predict): S x B forward with the recorder, one distance, weights, ensemble
         sl = chunks[k]
-        bne_inference(bne_model, images[sl], emb[opts.embedding], opts, batch, device)
+        bne_inference(bne_model, images[sl], emb[opts.embedding], opts, batch, device, chunk=chunk)
         return sl.stop - sl.start
 
     @torch.no_grad()
@@ -345,7 +347,7 @@ def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, de
 
     def single_pass(k):  # one pass with the averaged statistics for the weights, then the S branches
         sl = chunks[k]
-        bne_inference(bne_model, images[sl], emb[opts.embedding], opts_sp, batch, device)
+        bne_inference(bne_model, images[sl], emb[opts.embedding], opts_sp, batch, device, chunk=chunk)
         return sl.stop - sl.start
 
     def deepall(k):

@@ -57,6 +57,38 @@ def plain_probs(model: DGNet, images: np.ndarray, batch: int, device: torch.devi
     return torch.cat(out)
 
 
+def branch_chunk(setting: int | str, batch: int, device: torch.device) -> int:
+    """Images per forward when running the S branches: ``auto`` is one branch (B images) per forward on the CPU,
+    where a forward of S x B images costs up to twice per image what B images cost (caches), and every branch
+    in one S x B forward on a GPU; 0 is always S x B; n is as many whole branches as fit in n images."""
+    if setting == "auto":
+        return 0 if device.type == "cuda" else batch
+    return int(setting)
+
+
+def run_branches(model: DGNet, x: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, InstanceRecorder]:
+    """Logits of all S branches (S, B, K) and their instance statistics (per layer: S x B rows, branch-major).
+
+    ``chunk`` 0: one (S x B) forward; else groups of ``max(1, chunk // B)`` branches per forward.
+    """
+    s, b = model.num_domains, x.shape[0]
+    k = s if chunk <= 0 else max(1, min(s, chunk // b))
+    if k == s:
+        rec = InstanceRecorder()
+        return model.branches(x, recorder=rec), rec
+    logits, recs = [], []
+    for d0 in range(0, s, k):
+        ds = list(range(d0, min(s, d0 + k)))
+        rec = InstanceRecorder()
+        logits.append(model(x.repeat(len(ds), 1, 1, 1), domains=ds, recorder=rec).view(len(ds), b, -1))
+        recs.append(rec)
+    merged = InstanceRecorder()
+    for i in recs[0].mean:
+        merged.mean[i] = torch.cat([r.mean[i] for r in recs])
+        merged.std[i] = torch.cat([r.std[i] for r in recs])
+    return torch.cat(logits), merged
+
+
 @torch.no_grad()
 def branch_outputs(
     model: DGNet,
@@ -67,8 +99,10 @@ def branch_outputs(
     device: torch.device,
     single_pass: bool = True,
     desc: str = "",
+    chunk: int = 0,
 ) -> BranchOutputs:
-    """Run all S branches as one (S x B) forward per batch, recording instance statistics at every layer.
+    """Run all S branches (one (S x B) forward per batch, or ``chunk``-sized groups: :func:`run_branches`),
+    recording instance statistics at every layer.
 
     ``per_branch`` distances compare branch d's instance statistics with domain d; ``single_pass`` ones
     come from one extra pass with the domains' averaged statistics and are compared with every domain.
@@ -86,8 +120,7 @@ def branch_outputs(
     probs, dists = [], {(m, k, d): [] for m in MODES[: 1 + single_pass] for k in emb for d in DISTANCES}
     for sl in tqdm(list(_batches(len(images), batch)), desc=desc, disable=not desc, leave=False):
         x = to_tensor(images[sl]).to(device)
-        rec = InstanceRecorder()
-        logits = model.branches(x, recorder=rec)
+        logits, rec = run_branches(model, x, chunk)
         probs.append(torch.softmax(logits.float(), -1).cpu())
         recs = {"per_branch": rec}
         if single_pass:
@@ -111,6 +144,7 @@ def branch_outputs(
 @torch.no_grad()
 def bne_inference(
     model: DGNet, images: np.ndarray, embedding: DomainStats, opts: InferenceOptions, batch: int, device: torch.device,
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BNE as deployed: class probabilities (N, K) and domain weights (S, N) for one set of options.
 
@@ -126,12 +160,11 @@ def bne_inference(
     probs, weights = [], []
     for sl in _batches(len(images), batch):
         x = to_tensor(images[sl]).to(device)
-        rec = InstanceRecorder()
+        logits, rec = run_branches(model, x, chunk)
         if opts.instance_stats == "single_pass":
+            rec = InstanceRecorder()
             model(x, domains=MEAN_DOMAIN, recorder=rec)
-            p = torch.softmax(model.branches(x).float(), -1).cpu()
-        else:
-            p = torch.softmax(model.branches(x, recorder=rec).float(), -1).cpu()
+        p = torch.softmax(logits.float(), -1).cpu()
         n = len(rec.mean)
         mx = torch.cat([rec.mean[i] for i in range(n)], -1).cpu().view(-1, x.shape[0], layer_mean.shape[0])
         sx = torch.cat([rec.std[i] for i in range(n)], -1).cpu().view(-1, x.shape[0], layer_mean.shape[0])

@@ -23,7 +23,7 @@ import torch
 
 from bne.data import DomainArrays, FolderDataset, decode_image, to_tensor
 from bne.embedding import InferenceOptions
-from bne.evaluate import accuracy, bne_inference, options_dict
+from bne.evaluate import accuracy, bne_inference, branch_chunk, options_dict
 from bne.lodo import LodoConfig, _write_json, file_sha256, for_dataset, options_from_dict
 from bne.model import DGNet, ModelSpec
 from bne.stats import population_stats, precise_running_stats, read_stats_table, running_stats, stats_table
@@ -131,7 +131,8 @@ class Predictor:
 
     def predict_arrays(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """BNE class probabilities (N, K) and domain weights (S, N) of uint8 HWC images at the model's resolution."""
-        return bne_inference(self.model, images, self.embeddings[self.options.embedding], self.options, self.batch, self.device)
+        return bne_inference(self.model, images, self.embeddings[self.options.embedding], self.options, self.batch, self.device,
+                             chunk=branch_chunk("auto", self.batch, self.device))
 
     def predict_files(self, files: list[Path]) -> tuple[list[dict], list[dict]]:
         """Per decodable file: class, probability, weight per domain; and the files that did not decode."""

@@ -23,6 +23,7 @@ from bne.evaluate import (
     BranchOutputs,
     accuracy,
     bne_predict,
+    branch_chunk,
     branch_outputs,
     domain_id_accuracy,
     leave_own_out_accuracy,
@@ -43,6 +44,7 @@ class EvalConfig:
     batch: int = 16
     options: InferenceOptions = field(default_factory=InferenceOptions)
     single_pass: bool = True  # also record one-pass instance statistics
+    branch_chunk: int | str = "auto"  # images per forward over the S branches: auto (CPU: one branch; GPU: all S x B), 0 = all, n
     branch_stats: str = "running"  # branches normalize with: running (EMA) | precise (exact average of batch statistics)
 
 
@@ -316,7 +318,8 @@ def embed_fold(
     for seed in cfg.seeds:
         model, kinds = model_with_stats(cfg, paths, names, seed, device)
         val = branch_outputs(model, images, labels, kinds, cfg.eval.batch, device, cfg.eval.single_pass,
-                             desc=f"{target}: source val" if progress else "")
+                             desc=f"{target}: source val" if progress else "",
+                             chunk=branch_chunk(cfg.eval.branch_chunk, cfg.eval.batch, device))
         out = paths.embed(seed)
         out.mkdir(parents=True, exist_ok=True)
         val.save(out / "val_outputs.npz")
@@ -376,7 +379,8 @@ def evaluate_fold(
         # Only now is the held-out domain read.
         tgt = arrays[target]
         out = branch_outputs(model, tgt.images, tgt.labels, kinds, cfg.eval.batch, device, cfg.eval.single_pass,
-                             desc=f"{target}: target" if progress else "")
+                             desc=f"{target}: target" if progress else "",
+                             chunk=branch_chunk(cfg.eval.branch_chunk, cfg.eval.batch, device))
         deep_probs = plain_probs(deep, tgt.images, cfg.eval.batch, device, desc=f"{target}: deepall" if progress else "")
         d = paths.eval(seed)
         d.mkdir(parents=True, exist_ok=True)
