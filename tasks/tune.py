@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from bne.data import AugmentConfig, DomainArrays, FolderDataset, load_cache
 from bne.embedding import LAYER_SETS, InferenceOptions
 from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict
-from bne.lodo import LodoConfig
+from bne.lodo import LodoConfig, options_from_dict  # noqa: F401  (re-exported: the inverse of options_dict)
 from bne.train import TrainConfig, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -134,14 +134,6 @@ def _inference_params(opts: InferenceOptions) -> dict:
     p["layers"] = _layers_choice(opts.layers)
     p["power" if opts.weighting == "inverse" else "temperature"] = opts.power if opts.weighting == "inverse" else opts.temperature
     return p
-
-
-def options_from_dict(d: Mapping) -> InferenceOptions:
-    """The inverse of :func:`bne.evaluate.options_dict` (for example ``result["best_options"]``)."""
-    d = dict(d)
-    if isinstance(d.get("layers"), list):
-        d["layers"] = tuple(d["layers"])
-    return InferenceOptions(**d)
 
 
 def tune_inference(
