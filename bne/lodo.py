@@ -580,7 +580,8 @@ def run_lodo(
     ``work``: the stage outputs' root (train/, stats/, embed/, tune/, eval/ under it); checkpoints resume.
     ``dataset``: the samples to use (for example from a validated manifest); default: scan ``cfg.root``.
     """
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # several runs side by side (bench/gpu_pacs.py) set it
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     work = Path(work)
     dataset, arrays = prepare(cfg, cache_root, dataset, progress, log)
     targets = fold_targets(cfg, dataset)

@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bne.augment import BatchAugment
 from bne.data import Augment, AugmentConfig, DomainArrays, domain_batches, to_tensor
+from bne.embedding import InferenceOptions, bne_weights, ensemble, layer_mean_matrix, per_layer_distances
 from bne.model import DGNet, ModelSpec, classifier, stages
 from bne.norm.mbn import double_forward
+from bne.stats import InstanceRecorder
 
 METHODS = ("deepall", "bne")
 
@@ -40,6 +43,10 @@ class TrainConfig:
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval_batch: int = 32
+    # BNE only (METHOD.md "same mapping at training time"): weight of the ensemble loss, the NLL of the
+    # test-time ensemble on the step's images (every branch with frozen statistics); 0 = off.
+    ensemble_loss: float = 0.0
+    ensemble_own_out: bool = True  # leave each image's own branch out of that ensemble (an unseen domain)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -73,12 +80,54 @@ def config_hash(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def train_key(cfg: TrainConfig, method: str) -> dict:
+    """The settings of ``cfg`` that change ``method``'s training: the ensemble loss's only when it is on for BNE."""
+    d = asdict(cfg)
+    if method != "bne" or not cfg.ensemble_loss:
+        d = {k: v for k, v in d.items() if not k.startswith("ensemble_")}
+    return d
+
+
 def spec_key(spec: ModelSpec) -> dict:
     """The settings of ``spec`` that change the network: with ``norm: bn`` the other layers' knobs drop out."""
     d = asdict(spec)
     if d.get("norm", "bn") == "bn":
         d = {k: v for k, v in d.items() if k != "norm" and not k.startswith(("norm_", "bgn_", "cbn_", "mbn_", "iebn_", "proxy_"))}
     return d
+
+
+def ensemble_loss(model: DGNet, x: torch.Tensor, y: torch.Tensor, own_out: bool = True,
+                  opts: InferenceOptions | None = None) -> torch.Tensor:
+    """NLL of BNE's test-time ensemble on a training step's images (S equal sub-batches, domain-major).
+
+    Every branch sees every image with its normalization layers in eval mode (the domains' running statistics,
+    not updated by this pass); the weights come from the images' instance statistics as at inference
+    (``opts``, default the paper's) and carry no gradient; ``own_out`` drops each image's own branch.
+    """
+    opts = opts or InferenceOptions()
+    s, n = model.num_domains, x.shape[0]
+    layers = model.norm_layers()
+    modes = [layer.training for layer in layers]
+    rec = InstanceRecorder()
+    try:
+        for layer in layers:
+            layer.eval()
+        logits = model(x.repeat(s, 1, 1, 1), domains=list(range(s)), recorder=rec).view(s, n, -1)
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.train(mode)
+    with torch.no_grad():
+        layer_mean = layer_mean_matrix([layer.num_features for layer in layers]).to(x.device)
+        md = torch.cat([layer.running_mean for layer in layers], 1).float().unsqueeze(1)
+        sd = torch.cat([layer.running_var for layer in layers], 1).float().sqrt().unsqueeze(1)
+        mx = torch.cat([rec.mean[layer.layer_index] for layer in layers], -1).float().view(s, n, -1)
+        sx = torch.cat([rec.std[layer.layer_index] for layer in layers], -1).float().view(s, n, -1)
+        w = bne_weights(per_layer_distances(mx, sx, md, sd, opts.distance, layer_mean), opts)  # (S, n)
+        if own_out:
+            w[torch.arange(s, device=w.device).repeat_interleave(n // s), torch.arange(n, device=w.device)] = 0
+            w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
+    probs = ensemble(torch.softmax(logits.float(), -1), w)
+    return F.nll_loss(torch.log(probs.clamp_min(1e-8)), y)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -175,7 +224,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = tuple(a.name for a in sources)
     spec = ModelSpec(**{**asdict(spec), "domains": names if method == "bne" else ()})
-    key = config_hash(method, spec_key(spec), cfg, resolution, names, [a.fingerprint or len(a.train) for a in sources])
+    key = config_hash(method, spec_key(spec), train_key(cfg, method), resolution, names, [a.fingerprint or len(a.train) for a in sources])
 
     seed_everything(cfg.seed)
     model = DGNet(spec).to(device)
@@ -187,7 +236,8 @@ def train(
     if steps < 1:
         raise ValueError(f"too few training images ({sum(len(a.train) for a in sources)}) for one step of {s} x {b}")
     total, warmup = steps * cfg.epochs, int(cfg.warmup_frac * steps * cfg.epochs)
-    augment = Augment(cfg.augment, resolution)
+    # CPU: torchvision per image (fast enough beside a CPU trainer); GPU: the whole batch on the device
+    augment = BatchAugment(cfg.augment, resolution) if device.type == "cuda" else Augment(cfg.augment, resolution)
 
     history: list[dict] = []
     start = 0
@@ -223,22 +273,28 @@ def train(
             f = lr_factor(epoch * steps + i, total, warmup)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            x = torch.cat([augment(a.images[r]) for a, r in zip(sources, rows)]).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = augment(torch.from_numpy(np.concatenate([a.images[r] for a, r in zip(sources, rows)])).to(device))
+            else:
+                x = torch.cat([augment(a.images[r]) for a, r in zip(sources, rows)])
             y = torch.cat([torch.as_tensor(a.labels[r]) for a, r in zip(sources, rows)]).to(device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
                 logits = model(x, domains=list(range(s))) if method == "bne" else model(x)
                 loss = F.cross_entropy(logits.float(), y)  # mean over all S x b images, both methods
+                if method == "bne" and cfg.ensemble_loss:
+                    loss = loss + cfg.ensemble_loss * ensemble_loss(model, x, y, cfg.ensemble_own_out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if spec.norm == "mbn":  # Memorized BN's Double-Forward: re-memorise this batch's statistics with the new weights
                 with torch.no_grad(), _autocast(device):
                     double_forward(model, x, domains=list(range(s)) if method == "bne" else None)
-            running += loss.item()
-            if progress:
-                bar.set_postfix(loss=f"{running / (i + 1):.3f}")
+            running += loss.detach().double()  # no .item() per step: it would wait for the GPU every step
+            if progress and i % 20 == 0:
+                bar.set_postfix(loss=f"{running.item() / (i + 1):.3f}")
+        running = float(running)
         val = source_val_accuracy(model, sources, cfg.eval_batch, device)
         history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val, "seconds": round(time.time() - t_epoch, 1)})
         log(f"{method} epoch {epoch + 1}/{cfg.epochs}: loss {running / steps:.4f}, source-val acc {val:.4f}")
