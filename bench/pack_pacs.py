@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -59,8 +60,6 @@ def pack(source: Path, out: Path, size: int, quality: int, per_class: int | None
             keep += rows[:per_class] if per_class else rows
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
 
     def one(rel: str) -> tuple[str, int, str]:
@@ -91,8 +90,6 @@ def pack(source: Path, out: Path, size: int, quality: int, per_class: int | None
     }
     (tmp / "pack.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return info
