@@ -486,7 +486,7 @@ def make_project(tmp: Path, per_class: int, params_file: Path, rev: str | None =
         if isinstance(value, list):
             p["dataset"][key] = styles if key == "domains" or all_folds else styles[-1:]
     put("train", resolution=32, epochs=1, per_domain_batch=4, freeze_stages=0, eval_batch=16, seeds=[0])
-    put("eval", batch=8, select_options=False)
+    put("eval", batch=8)
     put("tune", inference__n_trials=3, inference__timeout=60, training__enabled=False)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     _run(["git", "init", "-q"], repo)
