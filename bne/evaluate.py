@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -221,22 +220,12 @@ def leave_own_out_accuracy(out: BranchOutputs, domains: torch.Tensor, opts: Infe
     return float(np.mean(per_domain))
 
 
-def option_grid(base: InferenceOptions, modes: tuple[str, ...] = MODES, embeddings=("running", "population", "instance_average")) -> list[InferenceOptions]:
-    """Candidate inference options: embedding kind x distance x layer set x inverse-distance power."""
-    return [
-        replace(base, instance_stats=m, embedding=e, distance=d, layers=ls, weighting="inverse", power=p)
-        for m, e, d, ls, p in itertools.product(modes, embeddings, DISTANCES, ("all", "early", "middle", "late"), (1.0, 2.0, 4.0, 8.0, 16.0))
-    ]
-
-
-def select_options(val: BranchOutputs, domains: torch.Tensor, grid: list[InferenceOptions]) -> tuple[InferenceOptions, float]:
-    """The options with the best leave-own-branch-out source-validation accuracy (first on ties)."""
-    scored = [(leave_own_out_accuracy(val, domains, o), -i, o) for i, o in enumerate(grid) if (o.instance_stats, o.embedding, o.distance) in val.dists]
-    best = max(scored, key=lambda t: (t[0], t[1]))
-    return best[2], best[0]
-
-
 def options_dict(opts: InferenceOptions) -> dict:
     d = asdict(opts)
     d["layers"] = list(d["layers"]) if isinstance(d["layers"], tuple) else d["layers"]
     return d
+
+
+def options_from_dict(d: dict) -> InferenceOptions:
+    """The inverse of :func:`options_dict` (JSON lists back to tuples)."""
+    return InferenceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -23,8 +23,8 @@ import torch
 
 from bne.data import DomainArrays, FolderDataset, decode_image, to_tensor
 from bne.embedding import InferenceOptions
-from bne.evaluate import accuracy, bne_inference, branch_chunk, options_dict
-from bne.lodo import LodoConfig, _write_json, file_sha256, for_dataset, options_from_dict
+from bne.evaluate import accuracy, bne_inference, branch_chunk, options_dict, options_from_dict
+from bne.lodo import LodoConfig, _write_json, file_sha256, for_dataset
 from bne.model import DGNet, ModelSpec
 from bne.stats import population_stats, precise_running_stats, read_stats_table, running_stats, stats_table
 from bne.train import pick_device, train

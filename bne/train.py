@@ -85,6 +85,7 @@ def train_key(cfg: TrainConfig, method: str) -> dict:
     d = asdict(cfg)
     if method != "bne" or not cfg.ensemble_loss:
         d = {k: v for k, v in d.items() if not k.startswith("ensemble_")}
+    d["layout"] = "channels_last"  # the network's memory layout on every device (NCHW-trained CPU runs differ)
     return d
 
 
@@ -106,6 +107,11 @@ def ensemble_loss(model: DGNet, x: torch.Tensor, y: torch.Tensor, own_out: bool 
     """
     opts = opts or InferenceOptions()
     s, n = model.num_domains, x.shape[0]
+    if own_out and s < 2:
+        raise ValueError(
+            f"the ensemble loss with ensemble_own_out leaves no branch with only {s} source domain(s) {list(model.spec.domains)}: "
+            "set train.ensemble_own_out: false or train.ensemble_loss: 0"
+        )
     layers = model.norm_layers()
     modes = [layer.training for layer in layers]
     rec = InstanceRecorder()
@@ -278,8 +284,6 @@ def train(
             else:
                 x = torch.cat([augment(a.images[r]) for a, r in zip(sources, rows)])
             y = torch.cat([torch.as_tensor(a.labels[r]) for a, r in zip(sources, rows)]).to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
                 logits = model(x, domains=list(range(s))) if method == "bne" else model(x)
                 loss = F.cross_entropy(logits.float(), y)  # mean over all S x b images, both methods

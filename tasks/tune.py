@@ -28,8 +28,8 @@ from optuna.trial import TrialState
 
 from bne.data import AugmentConfig, DomainArrays, FolderDataset, load_cache
 from bne.embedding import LAYER_SETS, InferenceOptions
-from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict
-from bne.lodo import LodoConfig, options_from_dict  # noqa: F401  (re-exported: the inverse of options_dict)
+from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict, options_from_dict
+from bne.lodo import LodoConfig
 from bne.train import TrainConfig, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -23,7 +23,7 @@ def lodo_run(synthetic_root, tmp_path_factory):
         targets=("green_on_black",),
         device="cpu",
         model=ModelSpec(num_classes=3),
-        train=TrainConfig(epochs=3, per_domain_batch=8, lr=0.02, freeze_stages=0, warmup_frac=0.1),
+        train=TrainConfig(epochs=3, per_domain_batch=8, lr=0.01, freeze_stages=4, warmup_frac=0.1),
         eval=EvalConfig(batch=16, options=InferenceOptions()),
     )
     metrics = run_lodo(cfg, tmp / "work", tmp / "reports", tmp / "cache", log=lambda m: None, progress=False)
@@ -38,7 +38,9 @@ def test_embedding_identifies_source_domains(lodo_run):
 def test_bne_on_an_unseen_style_is_far_above_chance(lodo_run):
     _, _, metrics = lodo_run
     m = metrics["green_on_black"]
-    assert m["bne"] >= 55.0  # chance is 33.3 (measured: 63.9)
+    # chance is 33.3. Measured with one thread, seeds 0 / 1 / 2: 97.2 / 68.1 / 100 (lr 0.02 with every layer
+    # training swung from 43 to 83 over the same seeds, and with the memory layout: too fragile to test)
+    assert m["bne"] >= 55.0
 
 
 def test_reports_have_the_promised_shape(lodo_run):

@@ -6,12 +6,25 @@ from bne.model import DGNet, ModelSpec
 from bne.stats import instance_stats, population_stats, precise_running_stats, running_stats, stats_table
 
 
-def test_instance_stats_match_float64_reference():
-    x = torch.randn(3, 4, 7, 5) * 4 + 10
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_instance_stats_match_float64_reference(layout):
+    x = (torch.randn(3, 4, 7, 5) * 4 + 10).contiguous(memory_format=layout)  # both code paths
     mean, std = instance_stats(x)
     xd = x.double()
     torch.testing.assert_close(mean.double(), xd.mean((2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(std.double(), xd.std((2, 3), correction=0), rtol=1e-4, atol=1e-4)
+
+
+def test_the_network_runs_channels_last_whatever_the_input_layout():
+    model, seen = _tiny(), []
+    h = model.norm_layers()[5].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x, domains=0)
+        b = model(x.contiguous(memory_format=torch.channels_last), domains=0)
+    h.remove()
+    assert seen == [True, True]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _tiny():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from bne.data import build_cache, load_cache, load_folder_dataset
@@ -118,6 +119,15 @@ def test_ensemble_loss_is_the_test_time_ensemble_and_leaves_statistics_alone():
     assert all(torch.equal(a, layer.running_mean) for a, layer in zip(before, model.norm_layers()))
     loss.backward()  # the ensemble's gradient reaches the shared weights
     assert model.net.conv1.weight.grad is not None and model.net.conv1.weight.grad.abs().sum() > 0
+
+
+def test_ensemble_loss_leaving_own_branch_out_needs_two_domains():
+    from bne.train import ensemble_loss
+
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="ensemble_own_out.*'a'"):
+        ensemble_loss(_bne_net(domains=1), x, y, own_out=True)
+    assert torch.isfinite(ensemble_loss(_bne_net(domains=1), x, y, own_out=False))  # one branch: its own NLL
 
 
 def test_ensemble_loss_trains_and_only_bne_checkpoints_depend_on_it(synthetic_root, tmp_path):
