@@ -273,7 +273,9 @@ def markdown(results: dict, norms: list[str], batches: list[int], settings: dict
         "## Accuracy (%), BNE / DeepAll (BNE − DeepAll)\n\n",
         head,
         *[f"| {n} | " + " | ".join(cell(n, b, "", ".1f", True) for b in batches) + " |\n" for n in norms],
-        "\nBNE: default inference options (running-statistics embedding, W2, inverse distance, all layers).\n\n",
+        "\nBNE: default inference options (running-statistics embedding, W2, inverse distance, all layers)."
+        + (" –: not measured yet." if any(cell(n, b, "", ".1f") == "–" for n in norms for b in batches) else "")
+        + "\n\n",
         "## Training throughput (images/s), BNE / DeepAll\n\n",
         head,
         *[f"| {n} | " + " | ".join(cell(n, b, "_img_s", ".1f") for b in batches) + " |\n" for n in norms],
@@ -430,6 +432,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a check of the script, then a probe and the full run's estimate")
     ap.add_argument("--estimate", action="store_true", help="only probe the speed and estimate the selected settings' duration")
     ap.add_argument("--no-estimate", action="store_true", help="--quick without the probe")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report the cached results of the selected settings only, training nothing (while a grid still runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mode = QUICK if args.quick else FULL
@@ -470,7 +474,7 @@ def main() -> None:
         "select": "last", "epochs": 1, "backbone": cfg.model.backbone, "eval_batch": cfg.eval.batch,
         "inference_options": options_dict(InferenceOptions()), "branch_stats": "running", "accuracy_unit": "percent",
         "throughput": "training-loop images/s (augmentation, forward, backward, SGD step, MBN double forward)",
-        "mode": "quick" if args.quick else "full", "cache": str(fold.cache), "protocol_version": VERSION,
+        "mode": "quick" if args.quick else "full", "cached_only": args.cached_only, "cache": str(fold.cache), "protocol_version": VERSION,
         "params": str(Path(args.params).resolve()), "overrides": args.set,
         "cbn_burnin": cfg.model.cbn_burnin, "cbn_window": cfg.model.cbn_window, "mbn_window": cfg.model.mbn_window,
         "norm_groups": cfg.model.norm_groups, "proxy_eps": cfg.model.proxy_eps,
@@ -483,8 +487,14 @@ def main() -> None:
         r = {}
         for method in METHODS:
             bar.set_postfix_str(f"{norm} b={b} {method}")
-            r[method] = run_method(fold, method, norm, b, images, resolution, work, device, bar)
-        results.setdefault(norm, {})[str(b)] = entry(r)
+            if args.cached_only:
+                done = result_path(fold, method, norm, b, images, resolution, work)[0]
+                if done.is_file():
+                    r[method] = json.loads(done.read_text())["result"]
+            else:
+                r[method] = run_method(fold, method, norm, b, images, resolution, work, device, bar)
+        if r:
+            results.setdefault(norm, {})[str(b)] = entry(r)
         machine["loadavg_end"] = loadavg()
         write_reports(out, results, norms, batches, settings, machine)
     bar.close()
