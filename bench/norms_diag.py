@@ -1,4 +1,4 @@
-"""Why BGN and Proxy Norm collapse from the pretrained Lite0 (reports/norms/metrics.md): a diagnosis.
+"""Why BGN and Proxy Norm collapse from the pretrained Lite0 (reports/norms/short-budget.md): a diagnosis.
 
 (1) What the conversion keeps: each layer replaces Lite0's BatchNorm2d (one domain, as DeepAll uses it); the
 network's pooled features on real PACS images are compared (cosine similarity per image, mean) with the
