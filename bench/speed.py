@@ -68,7 +68,7 @@ from bne.data import Augment, DomainArrays, build_cache, domain_batches, load_ca
 from bne.evaluate import bne_inference, branch_chunk, plain_probs  # noqa: E402
 from bne.lodo import LodoConfig, load_params  # noqa: E402
 from bne.model import DGNet, ModelSpec  # noqa: E402
-from bne.stats import population_stats, running_stats  # noqa: E402
+from bne.stats import instance_stats, population_stats, running_stats  # noqa: E402
 from bne.train import _autocast, build_optimizer, lr_factor, pick_device, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,8 +315,32 @@ def measure_training(cfg, spec, sources, device, settings, sync) -> tuple[dict, 
     return results, detail, trainers
 
 
+class _StatsRecorder:
+    """A recorder that applies ``fn`` to every layer input (the diagnostic recorder sides of the inference section)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.out = fn, {}
+
+    def __call__(self, layer, x: torch.Tensor) -> None:
+        self.out[layer.layer_index] = self.fn(x.detach())
+
+
+def _mean_only(x: torch.Tensor) -> torch.Tensor:
+    """One read of the layer input (its spatial mean): less than any implementation of the statistics can cost."""
+    return x.float().mean((2, 3))
+
+
+def _fused_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``instance_stats`` written for torch.compile, which fuses the mean and E[x^2] into one loop over ``x``."""
+    x = x.float()
+    mean, mean_sq = x.mean((2, 3)), (x * x).mean((2, 3))
+    return mean, (mean_sq - mean * mean).clamp_min(0).sqrt()
+
+
 def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, device, settings, sync) -> tuple[dict, dict]:
-    """Per eval batch, alternated: BNE, S plain branch forwards, single-pass BNE, DeepAll."""
+    """Per eval batch, alternated: BNE, S plain branch forwards, single-pass BNE, DeepAll, and diagnostic sides:
+    the S x B forward alone, and the S branch forwards with three recorders (``instance_stats`` as BNE runs it,
+    a mean-only one-read floor, and torch.compile's fused statistics where compiling works)."""
     batch, s = cfg.eval.batch, bne_model.num_domains
     opts = replace(cfg.eval.options, instance_stats="per_branch")
     opts_sp = replace(cfg.eval.options, instance_stats="single_pass")
@@ -355,7 +379,26 @@ def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, de
         plain_probs(deep_model, images[sl], batch, device)
         return sl.stop - sl.start
 
-    sides = {"bne": bne, "branch_forwards": branch_forwards, "batched_forward": batched_forward, "single_pass": single_pass, "deepall": deepall}
+    def branches_with(fn: Callable):  # S one-branch forwards, every layer input handed to fn
+        @torch.no_grad()
+        def side(k):
+            sl = chunks[k]
+            x = to_tensor(images[sl]).to(device)
+            for d in range(s):
+                bne_model(x, domains=d, recorder=_StatsRecorder(fn))
+            return sl.stop - sl.start
+        return side
+
+    sides = {"bne": bne, "branch_forwards": branch_forwards, "batched_forward": batched_forward, "single_pass": single_pass, "deepall": deepall,
+             "recorder_eager": branches_with(instance_stats), "recorder_one_pass": branches_with(_mean_only)}
+    t0 = time.perf_counter()
+    try:  # inductor needs a C++ compiler (CPU) or Triton (GPU); compiled once per process, every layer shape
+        fused = branches_with(torch.compile(_fused_stats, dynamic=True))
+        fused(0)
+        sides["recorder_fused"] = fused
+        settings["fused_stats"] = f"torch.compile(dynamic=True), compiled in {time.perf_counter() - t0:.1f} s"
+    except Exception as e:  # noqa: BLE001 - a diagnostic: report why and go on
+        settings["fused_stats"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
     runs = interleaved(sides, settings["reps"], len(chunks), sync)
     spi = {k: per_unit(v) for k, v in runs.items()}  # seconds per image
     cpi = {k: per_unit(v, cpu=True) for k, v in runs.items()}
@@ -381,7 +424,22 @@ def measure_inference(cfg, bne_model, deep_model, embeddings, images, labels, de
             cpu=(cpi["batched_forward"], cpi["branch_forwards"]),
         ),
     }
+    recorders = {
+        "recorder_eager": "bne.stats.instance_stats as BNE runs it (spatial mean, then mean(x * x))",
+        "recorder_one_pass": "a recorder that reads every layer input once (spatial mean only): the least any implementation of the statistics can cost",
+        "recorder_fused": "the statistics from torch.compile (mean and E[x^2] fused into one loop)",
+    }
+    for name, what in recorders.items():
+        if name in spi:
+            results[f"{name}_vs_branch_forwards"] = ratio_entry(
+                spi[name], spi["branch_forwards"], None,
+                f"diagnostic: {s} one-branch forwards with {what}, over the same forwards without a recorder",
+                cpu=(cpi[name], cpi["branch_forwards"]),
+            )
     ms = {k: 1000 * median(v) for k, v in spi.items()}
+    for name in recorders:
+        if name in spi:
+            results[f"{name}_vs_branch_forwards"]["sides"] = f"{ms[name]:.1f} / {ms['branch_forwards']:.1f} ms/img"
     results["bne_inference_vs_branch_forwards"]["sides"] = f"bne {ms['bne']:.1f} / {s} branches {ms['branch_forwards']:.1f} ms/img"
     results["single_pass_vs_deepall"]["sides"] = f"single-pass {ms['single_pass']:.1f} / deepall {ms['deepall']:.1f} ms/img"
     results["bne_inference_vs_deepall"]["sides"] = f"bne {ms['bne']:.1f} / deepall {ms['deepall']:.1f} ms/img"
