@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,21 +24,21 @@ from bne.model import DGNet, ModelSpec
 from bne.norm.dsbn import domain_route
 from bne.stats import InstanceRecorder
 from bne.train import TrainConfig, build_optimizer
+from speed import interleaved, median, per_unit  # bench/ is on sys.path when run as a script
 
 CL = torch.channels_last
 
 
 def timed(sides: dict, reps: int) -> dict[str, float]:
-    """Median seconds per call of each side, the sides alternated, one untimed warm-up call each."""
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for f in sides.values():
-        f()
-    for _ in range(reps):
-        for k, f in sides.items():
-            t0 = time.perf_counter()
+    """Median seconds per call of each side: ``speed.interleaved`` (order rotated each repetition, one warm-up call)."""
+    def one_call(f):
+        def side(_round: int) -> int:
             f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            return 1
+        return side
+
+    runs = interleaved({k: one_call(f) for k, f in sides.items()}, reps, 1, lambda: None)
+    return {k: median(per_unit(v)) for k, v in runs.items()}
 
 
 def net_forward(model: DGNet, x: torch.Tensor, domains: list[int], recorder=None) -> torch.Tensor:
@@ -86,11 +84,7 @@ def main() -> None:
         doms = [0, 1, 2] if method == "bne" else [0]
 
         def step():
-            if method == "bne":
-                out = net_forward(model, xb, doms)
-            else:
-                out = model.net((xb - model.mean) / model.std)
-            loss = F.cross_entropy(out, y)
+            loss = F.cross_entropy(net_forward(model, xb, doms), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
