@@ -219,6 +219,94 @@ def test_cbn_against_reference_with_compensation_and_routing():
     assert layer.iterations.tolist() == [4, 2] and [len(m) for m in layer.memory] == [2, 2]
 
 
+def _same_padding_conv(cin, cout, k, stride, groups=1):
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    return Conv2dStaticSamePadding(cin, cout, k, stride, image_size=9, groups=groups, bias=False)
+
+
+@pytest.mark.parametrize(
+    "make_conv",
+    [
+        lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False),
+        lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),  # depthwise
+        lambda: _same_padding_conv(3, 6, 5, 2),  # Lite0's TF-style padding, asymmetric for k=5, s=2
+        lambda: _same_padding_conv(6, 6, 3, 1, groups=6),
+    ],
+    ids=["conv3x3s2", "depthwise", "lite0_same_k5s2", "lite0_same_depthwise"],
+)
+def test_cbn_conv_weight_gradients_equal_autograd(make_conv, monkeypatch):
+    """The per-chunk weight gradients of the source conv (fast path) give what autograd gives, for 3 domains
+    over several iterations with the conv's weights moving; and the fast path is the one taken."""
+    torch.manual_seed(1)
+    conv = make_conv().double()
+    bn = _bn(6)
+    layers = {}
+    for fast in (True, False):
+        layers[fast] = CrossIterationBatchNorm2d.from_batchnorm(bn, 3, window=3, source=conv)
+        layers[fast].fast_grads = fast
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for it in range(4):
+        x = _x(n=6, c=conv.in_channels, h=9, w=9, scale=1 + it, shift=it, seed=50 + it)
+        outs = {}
+        for fast, layer in layers.items():
+            outs[fast] = _run(layer, conv(x), [0, 1, 2], [1, 3, 2])  # unequal chunks: offsets matter
+        _close(outs[True], outs[False], atol=1e-9)
+        with torch.no_grad():
+            conv.weight.add_(torch.randn_like(conv.weight) * 0.2)
+    for a, b in zip(layers[True].memory, layers[False].memory):
+        assert len(a) == len(b) == 2
+        for pa, pb in zip(a, b):
+            _close(pa.dmu, pb.dmu, atol=1e-9), _close(pa.dnu, pb.dnu, atol=1e-9)
+    assert len(calls) == 2 * 3 * 4  # dmu and dnu per domain per iteration, all from the fast path
+
+
+def test_cbn_fast_path_needs_the_source_output_itself(monkeypatch):
+    """If something sits between the conv and the layer, the gradients come from autograd (still correct)."""
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv, layer = _conv_cbn(num_domains=1)
+    ref = CrossIterationBatchNorm2d.from_batchnorm(_bn(4), 1, window=3, source=conv)
+    ref.load_state_dict(layer.state_dict())
+    ref.fast_grads = False
+    for it in range(3):
+        y = conv(_x(c=3, seed=60 + it))
+        _close(_run(layer, y * 1.0, [0]), _run(ref, y, [0]))  # y * 1.0: not the conv's output object
+        with torch.no_grad():
+            conv.weight.add_(0.1)
+    assert not calls and len(layer.memory[0]) == 2
+
+
+def test_cbn_on_lite0_takes_the_fast_path_and_matches_autograd(monkeypatch):
+    """Every CBN layer of Lite0 (static-same-padding convs, depthwise and pointwise) gets its gradients from
+    the source conv's input; two BNE steps end with the same network as with autograd's gradients."""
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = ModelSpec(norm="cbn", cbn_burnin=0, cbn_window=2, domains=("a", "b"), weights="none", num_classes=3)
+    x, y = torch.rand(4, 3, 32, 32, dtype=F64), torch.tensor([0, 1, 2, 0])
+    logits = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = DGNet(spec).double().train()
+        for layer in model.norm_layers():
+            layer.fast_grads = fast
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(model(x, domains=[0, 1]), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits[fast] = model.eval()(x, domains=[0, 1])
+        if fast:
+            assert len(calls) == 2 * 2 * 2 * len(model.norm_layers())  # dmu, dnu x 2 domains x 2 steps x layers
+    _close(logits[True], logits[False], atol=1e-8)
+
+
 def test_cbn_running_statistics_follow_the_uncompensated_batch():
     conv, layer = _conv_cbn(num_domains=1)
     bn = nn.BatchNorm2d(4).double()

@@ -12,6 +12,22 @@ from bne.norm.common import as_float, check_domain, copy_batchnorm_state, scale_
 from bne.norm.dsbn import DomainBatchNorm2d
 
 
+def _conv_padding(conv: nn.Module) -> nn.Module | None:
+    """The padding ``conv`` applies before ``F.conv2d`` with its own stride, padding, dilation and groups, for a
+    zero-padded ``nn.Conv2d`` or Lite0's ``Conv2dStaticSamePadding`` (``static_padding`` then ``F.conv2d``);
+    None for anything else (whose weight gradient is left to autograd)."""
+    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    if type(conv).forward is nn.Conv2d.forward:
+        return nn.Identity()
+    pad = getattr(conv, "static_padding", None)
+    if type(conv).__name__ == "Conv2dStaticSamePadding" and (
+        isinstance(pad, (nn.ZeroPad2d, nn.Identity)) or type(pad).__name__ == "Identity"  # the package's own
+    ):
+        return pad
+    return None
+
+
 class _Past(NamedTuple):
     """One past iteration: statistics, their gradients w.r.t. the source weights, and those weights."""
 
@@ -33,7 +49,15 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
     or with ``window == 1`` the layer is exactly DomainBatchNorm2d. Running statistics (eval, embedding)
     follow the uncompensated current batch as in BN. The memory of past iterations is transient (not in the
     state dict): a resumed run refills it.
+
+    The gradients ``dmu``, ``dnu`` of a domain's chunk: when this layer's input is the very output of
+    ``source`` (a zero-padded Conv2d, or Lite0's static-same-padding one) they are the conv's weight gradient
+    on that chunk's own input (``torch.nn.grad.conv2d_weight``), so S domains cost one batch of weight
+    gradients; otherwise (and with ``fast_grads = False``) autograd, which backpropagates through the whole
+    batch once per domain. The two agree to rounding (tests/test_norms.py).
     """
+
+    fast_grads: bool = True
 
     def __init__(
         self,
@@ -56,8 +80,20 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
         self.set_source(None)
 
     def set_source(self, conv: nn.Module | None) -> None:
-        """The layer whose ``weight`` feeds this one (kept out of the module tree and the state dict)."""
+        """The layer whose ``weight`` feeds this one (kept out of the module tree and the state dict).
+
+        A forward hook on it keeps its last input and output while training with gradients (references to
+        tensors autograd keeps anyway; dropped when this layer's forward ends)."""
+        hook = self.__dict__.get("_source_hook")
+        if hook is not None:
+            hook.remove()
         object.__setattr__(self, "source", conv)
+        object.__setattr__(self, "_source_io", None)
+        object.__setattr__(self, "_source_hook", None if conv is None else conv.register_forward_hook(self._keep_source_io))
+
+    def _keep_source_io(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        keep = self.training and torch.is_grad_enabled() and _conv_padding(module) is not None
+        object.__setattr__(self, "_source_io", (inputs[0], output) if keep else None)
 
     @classmethod
     def from_batchnorm(
@@ -79,8 +115,44 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        io = self._source_io
+        # the chunks' offsets into the source's input, valid only if x is the source's output itself
+        object.__setattr__(self, "_chunk_io", (io[0], 0) if io is not None and io[1] is x else None)
+        try:
+            return super().forward(x)
+        finally:
+            object.__setattr__(self, "_source_io", None)
+            object.__setattr__(self, "_chunk_io", None)
+
+    def _next_chunk_input(self, n: int) -> torch.Tensor | None:
+        """The source's input rows of the next ``n``-sample chunk (chunks come in batch order), if known."""
+        io = self._chunk_io
+        if io is None:
+            return None
+        src_in, start = io
+        object.__setattr__(self, "_chunk_io", (src_in, start + n))
+        return src_in[start : start + n]
+
+    def _stat_grads(self, xf: torch.Tensor, src_in: torch.Tensor | None, theta: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor):
+        """d mu / d theta and d nu / d theta of this chunk (row c: output channel c); None if x ignores theta."""
+        if self.fast_grads and src_in is not None:
+            src = self.source
+            with torch.no_grad():
+                xin = as_float(_conv_padding(src)(src_in.detach()))
+                y = xf.detach()
+                m = y.numel() // y.shape[1]
+                args = (src.stride, src.padding, src.dilation, src.groups)
+                dmu = torch.nn.grad.conv2d_weight(xin, theta.shape, torch.full_like(y, 1.0 / m), *args)
+                dnu = torch.nn.grad.conv2d_weight(xin, theta.shape, y * (2.0 / m), *args)
+            return dmu, dnu
+        # mu_c and nu_c depend on theta only through row c, so the gradient of their sums gives every row.
+        dmu, dnu = (torch.autograd.grad(s.sum(), theta, retain_graph=True, allow_unused=True)[0] for s in (mu, nu))
+        return (None, None) if dmu is None or dnu is None else (dmu, dnu)
+
     def _chunk(self, x: torch.Tensor, d: int) -> torch.Tensor:
         check_domain(self, d)
+        src_in = self._next_chunk_input(x.shape[0])
         theta = getattr(self.source, "weight", None)
         if not (
             self.training and self.window > 1 and theta is not None and theta.requires_grad
@@ -92,9 +164,8 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
             return super()._chunk(x, d)
         xf = as_float(x)
         mu, nu = xf.mean((0, 2, 3)), (xf * xf).mean((0, 2, 3))
-        # mu_c and nu_c depend on theta only through row c, so the gradient of their sums gives every row.
-        dmu, dnu = (torch.autograd.grad(s.sum(), theta, retain_graph=True, allow_unused=True)[0] for s in (mu, nu))
-        if dmu is None or dnu is None:  # x does not depend on the source weights: nothing to compensate
+        dmu, dnu = self._stat_grads(xf, src_in, theta, mu, nu)
+        if dmu is None:  # x does not depend on the source weights: nothing to compensate
             return super()._chunk(x, d)
         now = theta.detach()
         mus, nus = [mu], [nu]
