@@ -219,6 +219,15 @@ def test_cbn_against_reference_with_compensation_and_routing():
     assert layer.iterations.tolist() == [4, 2] and [len(m) for m in layer.memory] == [2, 2]
 
 
+@pytest.fixture
+def conv2d_weight_calls(monkeypatch):
+    """A list that grows by one at each call of torch.nn.grad.conv2d_weight (CBN's fast gradient path)."""
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _same_padding_conv(cin, cout, k, stride, groups=1):
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
 
@@ -235,7 +244,7 @@ def _same_padding_conv(cin, cout, k, stride, groups=1):
     ],
     ids=["conv3x3s2", "depthwise", "lite0_same_k5s2", "lite0_same_depthwise"],
 )
-def test_cbn_conv_weight_gradients_equal_autograd(make_conv, monkeypatch):
+def test_cbn_conv_weight_gradients_equal_autograd(make_conv, conv2d_weight_calls):
     """The per-chunk weight gradients of the source conv (fast path) give what autograd gives, for 3 domains
     over several iterations with the conv's weights moving; and the fast path is the one taken."""
     torch.manual_seed(1)
@@ -245,9 +254,6 @@ def test_cbn_conv_weight_gradients_equal_autograd(make_conv, monkeypatch):
     for fast in (True, False):
         layers[fast] = CrossIterationBatchNorm2d.from_batchnorm(bn, 3, window=3, source=conv)
         layers[fast].fast_grads = fast
-    calls = []
-    real = torch.nn.grad.conv2d_weight
-    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     for it in range(4):
         x = _x(n=6, c=conv.in_channels, h=9, w=9, scale=1 + it, shift=it, seed=50 + it)
         outs = {}
@@ -260,14 +266,11 @@ def test_cbn_conv_weight_gradients_equal_autograd(make_conv, monkeypatch):
         assert len(a) == len(b) == 2
         for pa, pb in zip(a, b):
             _close(pa.dmu, pb.dmu, atol=1e-9), _close(pa.dnu, pb.dnu, atol=1e-9)
-    assert len(calls) == 2 * 3 * 4  # dmu and dnu per domain per iteration, all from the fast path
+    assert len(conv2d_weight_calls) == 2 * 3 * 4  # dmu and dnu per domain per iteration, all from the fast path
 
 
-def test_cbn_fast_path_needs_the_source_output_itself(monkeypatch):
+def test_cbn_fast_path_needs_the_source_output_itself(conv2d_weight_calls):
     """If something sits between the conv and the layer, the gradients come from autograd (still correct)."""
-    calls = []
-    real = torch.nn.grad.conv2d_weight
-    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     conv, layer = _conv_cbn(num_domains=1)
     ref = CrossIterationBatchNorm2d.from_batchnorm(_bn(4), 1, window=3, source=conv)
     ref.load_state_dict(layer.state_dict())
@@ -277,15 +280,12 @@ def test_cbn_fast_path_needs_the_source_output_itself(monkeypatch):
         _close(_run(layer, y * 1.0, [0]), _run(ref, y, [0]))  # y * 1.0: not the conv's output object
         with torch.no_grad():
             conv.weight.add_(0.1)
-    assert not calls and len(layer.memory[0]) == 2
+    assert not conv2d_weight_calls and len(layer.memory[0]) == 2
 
 
-def test_cbn_on_lite0_takes_the_fast_path_and_matches_autograd(monkeypatch):
+def test_cbn_on_lite0_takes_the_fast_path_and_matches_autograd(conv2d_weight_calls):
     """Every CBN layer of Lite0 (static-same-padding convs, depthwise and pointwise) gets its gradients from
     the source conv's input; two BNE steps end with the same network as with autograd's gradients."""
-    calls = []
-    real = torch.nn.grad.conv2d_weight
-    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = ModelSpec(norm="cbn", cbn_burnin=0, cbn_window=2, domains=("a", "b"), weights="none", num_classes=3)
     x, y = torch.rand(4, 3, 32, 32, dtype=F64), torch.tensor([0, 1, 2, 0])
     logits = {}
@@ -303,7 +303,7 @@ def test_cbn_on_lite0_takes_the_fast_path_and_matches_autograd(monkeypatch):
         with torch.no_grad():
             logits[fast] = model.eval()(x, domains=[0, 1])
         if fast:
-            assert len(calls) == 2 * 2 * 2 * len(model.norm_layers())  # dmu, dnu x 2 domains x 2 steps x layers
+            assert len(conv2d_weight_calls) == 2 * 2 * 2 * len(model.norm_layers())  # dmu, dnu x 2 domains x 2 steps x layers
     _close(logits[True], logits[False], atol=1e-8)
 
 
