@@ -238,15 +238,17 @@ def _same_padding_conv(cin, cout, k, stride, groups=1):
     "make_conv",
     [
         lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False),
+        lambda: nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2, bias=True),
         lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),  # depthwise
         lambda: _same_padding_conv(3, 6, 5, 2),  # Lite0's TF-style padding, asymmetric for k=5, s=2
         lambda: _same_padding_conv(6, 6, 3, 1, groups=6),
     ],
-    ids=["conv3x3s2", "depthwise", "lite0_same_k5s2", "lite0_same_depthwise"],
+    ids=["conv3x3s2", "dilated_bias", "depthwise", "lite0_same_k5s2", "lite0_same_depthwise"],
 )
 def test_cbn_conv_weight_gradients_equal_autograd(make_conv, conv2d_weight_calls):
     """The per-chunk weight gradients of the source conv (fast path) give what autograd gives, for 3 domains
-    over several iterations with the conv's weights moving; and the fast path is the one taken."""
+    (one of them in two chunks of a batch) over several iterations with the conv's weights moving; and the
+    fast path is the one taken."""
     torch.manual_seed(1)
     conv = make_conv().double()
     bn = _bn(6)
@@ -258,7 +260,7 @@ def test_cbn_conv_weight_gradients_equal_autograd(make_conv, conv2d_weight_calls
         x = _x(n=6, c=conv.in_channels, h=9, w=9, scale=1 + it, shift=it, seed=50 + it)
         outs = {}
         for fast, layer in layers.items():
-            outs[fast] = _run(layer, conv(x), [0, 1, 2], [1, 3, 2])  # unequal chunks: offsets matter
+            outs[fast] = _run(layer, conv(x), [0, 1, 0, 2], [1, 2, 1, 2])  # unequal chunks: offsets matter
         _close(outs[True], outs[False], atol=1e-9)
         with torch.no_grad():
             conv.weight.add_(torch.randn_like(conv.weight) * 0.2)
@@ -266,7 +268,7 @@ def test_cbn_conv_weight_gradients_equal_autograd(make_conv, conv2d_weight_calls
         assert len(a) == len(b) == 2
         for pa, pb in zip(a, b):
             _close(pa.dmu, pb.dmu, atol=1e-9), _close(pa.dnu, pb.dnu, atol=1e-9)
-    assert len(conv2d_weight_calls) == 2 * 3 * 4  # dmu and dnu per domain per iteration, all from the fast path
+    assert len(conv2d_weight_calls) == 2 * 4 * 4  # dmu and dnu per chunk per iteration, all from the fast path
 
 
 def test_cbn_fast_path_needs_the_source_output_itself(conv2d_weight_calls):
@@ -281,6 +283,36 @@ def test_cbn_fast_path_needs_the_source_output_itself(conv2d_weight_calls):
         with torch.no_grad():
             conv.weight.add_(0.1)
     assert not conv2d_weight_calls and len(layer.memory[0]) == 2
+
+
+def test_cbn_keeps_no_activations_and_copies_cleanly(conv2d_weight_calls):
+    """One hook per source however often it is set; nothing kept after a forward, in eval or without grad;
+    an in-place change of the conv's input is refused (autograd's error), not used; a deep copy hooks its own conv."""
+    conv, layer = _conv_cbn(window=3)
+    layer.set_source(conv)
+    assert len(conv._forward_hooks) == 1
+    x = _x(c=3, seed=70)
+    _run(layer, conv(x), [0, 1])
+    assert layer._source_io is None and layer._chunk_io is None
+    with torch.no_grad():
+        conv(x)
+    assert layer._source_io is None
+    layer.eval()
+    conv(x.requires_grad_())
+    assert layer._source_io is None
+    layer.train()
+    n = len(conv2d_weight_calls)
+    xin = _x(c=3, seed=71)
+    y = conv(xin)
+    xin.add_(1.0)  # in place, after the conv and before the layer: not used silently, autograd refuses
+    with pytest.raises(RuntimeError, match="inplace"):
+        _run(layer, y, [0, 1])
+    assert len(conv2d_weight_calls) == n and layer._source_io is None
+    conv(xin)  # the hook keeps this forward's tensors, never run through the layer ...
+    twin = copy.deepcopy(nn.Sequential(conv, layer))  # ... and a copy does not carry them
+    assert twin[1]._source_io is None and twin[1].source is twin[0] and len(twin[0]._forward_hooks) == 1
+    _run(twin[1], twin[0](x), [0, 1])
+    assert len(conv2d_weight_calls) == n + 4  # dmu, dnu of both chunks, from the copy's own conv
 
 
 def test_cbn_on_lite0_takes_the_fast_path_and_matches_autograd(conv2d_weight_calls):

@@ -92,8 +92,16 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
         object.__setattr__(self, "_source_hook", None if conv is None else conv.register_forward_hook(self._keep_source_io))
 
     def _keep_source_io(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        keep = self.training and torch.is_grad_enabled() and _conv_padding(module) is not None
-        object.__setattr__(self, "_source_io", (inputs[0], output) if keep else None)
+        keep = (
+            self.training and torch.is_grad_enabled() and bool(inputs) and isinstance(output, torch.Tensor)
+            and output.requires_grad and _conv_padding(module) is not None
+        )
+        # the input's version counter: after an in-place change the gradients are autograd's (which refuses it)
+        object.__setattr__(self, "_source_io", (inputs[0], output, inputs[0]._version) if keep else None)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles hold no activations (the kept conv input and output belong to one forward)."""
+        return {**super().__getstate__(), "_source_io": None, "_chunk_io": None}
 
     @classmethod
     def from_batchnorm(
@@ -118,7 +126,8 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         io = self._source_io
         # the chunks' offsets into the source's input, valid only if x is the source's output itself
-        object.__setattr__(self, "_chunk_io", (io[0], 0) if io is not None and io[1] is x else None)
+        valid = io is not None and io[1] is x and io[0]._version == io[2]
+        object.__setattr__(self, "_chunk_io", (io[0], 0) if valid else None)
         try:
             return super().forward(x)
         finally:
