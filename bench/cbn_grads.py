@@ -75,7 +75,9 @@ def main() -> None:
                          "cbn_fast_vs_bn": round(ips["cbn_fast"] / ips["bn"], 2)})
             print(rows[-1], flush=True)
     report = {
-        "command": "python bench/cbn_grads.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+        "command": "python bench/cbn_grads.py " + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"
+        ),
         "torch": torch.__version__, "threads": args.threads, "resolution": args.resolution, "freeze_stages": args.freeze,
         "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "what": "training images/s, medians of interleaved steps; fast_vs_autograd: CBN with per-chunk conv weight gradients over CBN with autograd's",
