@@ -261,9 +261,11 @@ def entry(r: dict[str, dict]) -> dict:
 def markdown(results: dict, norms: list[str], batches: list[int], settings: dict, machine: dict) -> str:
     def cell(norm: str, b: int, k: str, fmt: str, delta: bool = False) -> str:
         e = results.get(norm, {}).get(str(b), {})
-        if "bne" + k not in e or "deepall" + k not in e:
+        x, y = e.get("bne" + k), e.get("deepall" + k)
+        if x is None and y is None:
             return "–"
-        x, y = e["bne" + k], e["deepall" + k]
+        if x is None or y is None:  # one method done so far
+            return " / ".join("–" if v is None else f"{v:{fmt}}" for v in (x, y))
         return f"{x:{fmt}} / {y:{fmt}}" + (f" ({x - y:+.1f})" if delta else "")
 
     head = "| norm | " + " | ".join(f"b={b}" for b in batches) + " |\n|---" + "|---" * len(batches) + "|\n"
@@ -280,7 +282,7 @@ def markdown(results: dict, norms: list[str], batches: list[int], settings: dict
         head,
         *[f"| {n} | " + " | ".join(cell(n, b, "", ".1f", True) for b in batches) + " |\n" for n in norms],
         "\nBNE: default inference options (running-statistics embedding, W2, inverse distance, all layers)."
-        + (" –: not measured yet." if any(cell(n, b, "", ".1f") == "–" for n in norms for b in batches) else "")
+        + (" –: not measured yet." if any("–" in cell(n, b, "", ".1f") for n in norms for b in batches) else "")
         + "\n\n",
         "## Training throughput (images per CPU-second), BNE / DeepAll\n\n",
         head,
