@@ -17,8 +17,9 @@ MBN's double forward), from ``train``'s own epoch time.
 Resumable: each (norm, batch, method) result is cached in data/bench-cache/norms/ under a key of every
 setting that changes it, so a killed run continues where it stopped (a method whose training had finished
 but was not yet evaluated resumes from its checkpoint, deleted once the result is stored; one killed mid-training
-trains again). Thread count and machine load are recorded with each result, not part of the key. Writes reports/norms/metrics.json and metrics.md
-(atomically, after every configuration) and prints the tables.
+trains again). Thread count and machine load are recorded with each result, not part of the key. Writes
+reports/norms/metrics.json, metrics.md and metrics.png (accuracy and throughput against b, one line per layer),
+atomically, after every configuration, and prints the tables.
 
     python bench/norms_pacs.py                      # full comparison (long: see --estimate)
     python bench/norms_pacs.py --quick --threads 1  # a check: 2 norms x 1 batch x 60 images at 64 px,
@@ -299,10 +300,45 @@ def markdown(results: dict, norms: list[str], batches: list[int], settings: dict
     return "".join(lines)
 
 
+def figure(results: dict, norms, batches, settings: dict, path: Path) -> None:
+    """Accuracy of BNE and of DeepAll, and BNE's training throughput, against the per-domain batch size, one line
+    per layer (cells not measured yet are left out). Written atomically (a temporary file, then a rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("bne", "BNE accuracy (%)"), ("deepall", "DeepAll accuracy (%)"),
+              ("bne_img_cpu_s", "BNE training images / CPU-s")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, label) in zip(axes, panels):
+        for i, norm in enumerate(norms):
+            pts = [(b, results[norm][str(b)][key]) for b in batches if key in results.get(norm, {}).get(str(b), {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="os^vDP"[i % 6], label=norm)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set_xlabel("images per source domain per step (b)")
+        ax.set_ylabel(label)
+        if "accuracy" in label:
+            ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{settings['dataset']}, held-out {settings['target']}: {settings['images']} training images per "
+                 f"method, {settings['resolution']} px, seed {settings['seed']}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_reports(out_json: Path, results: dict, norms, batches, settings, machine, extra: dict | None = None) -> str:
     md = markdown(results, norms, batches, settings, machine)
     atomic_write(out_json, json.dumps({**results, "settings": settings, "machine": machine, **(extra or {})}, indent=2, default=str))
     atomic_write(out_json.with_suffix(".md"), md)
+    figure(results, norms, batches, settings, out_json.with_suffix(".png"))
     return md
 
 
