@@ -15,35 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from bne.model import DGNet, ModelSpec
-from bne.train import TrainConfig, build_optimizer
+from _util import train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
 from speed import interleaved, median, per_second  # bench/ is on sys.path when run as a script
 
 
 def trainer(method: str, norm: str, fast: bool, b: int, resolution: int, freeze: int):
     """One training step of ``method`` with ``norm`` on 3 x ``b`` random images, as ``bne.train`` takes it."""
-    torch.manual_seed(0)
-    spec = ModelSpec(domains=("a", "b", "c") if method == "bne" else (), norm=norm, cbn_burnin=0)
-    model = DGNet(spec).train()
-    for layer in model.norm_layers():
-        layer.fast_grads = fast
-    opt = build_optimizer(model, replace(TrainConfig(), freeze_stages=freeze))
-    x, y = torch.rand(3 * b, 3, resolution, resolution), torch.randint(0, 7, (3 * b,))
-    kw = {"domains": [0, 1, 2]} if method == "bne" else {}
-
-    def step(_round: int) -> int:
-        loss = F.cross_entropy(model(x, **kw), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return x.shape[0]
-
+    step = train_step(method, resolution, freeze, per_domain=b, norm=norm, fast_grads=fast)
     for _ in range(3):  # past CBN's first iterations, so the memory is full (window 4)
         step(0)
     return step
