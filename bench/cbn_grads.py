@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _util import train_step  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _util import train_step  # bench/ is on sys.path when run as a script
 from speed import interleaved, median, per_second  # bench/ is on sys.path when run as a script
 
 
