@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -65,10 +66,10 @@ OVERHEAD_S = 3.0  # per trained method in the estimate: model build, checkpoint,
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -302,11 +303,8 @@ def markdown(results: dict, norms: list[str], batches: list[int], settings: dict
 
 def figure(results: dict, norms, batches, settings: dict, path: Path) -> None:
     """Accuracy of BNE and of DeepAll, and BNE's training throughput, against the per-domain batch size, one line
-    per layer (cells not measured yet are left out). Written atomically (a temporary file, then a rename)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    per layer (cells not measured yet are left out). Written atomically (``atomic_write``)."""
+    from bne.plots import plt  # pyplot on the Agg backend, as the pipeline's figures
 
     panels = [("bne", "BNE accuracy (%)"), ("deepall", "DeepAll accuracy (%)"),
               ("bne_img_cpu_s", "BNE training images / CPU-s")]
@@ -328,10 +326,10 @@ def figure(results: dict, norms, batches, settings: dict, path: Path) -> None:
     fig.suptitle(f"{settings['dataset']}, held-out {settings['target']}: {settings['images']} training images per "
                  f"method, {settings['resolution']} px, seed {settings['seed']}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
 
 
 def write_reports(out_json: Path, results: dict, norms, batches, settings, machine, extra: dict | None = None) -> str:
