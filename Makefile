@@ -24,17 +24,19 @@ test: install
 	$(PY) -m pytest
 
 # Every stage on a tiny PACS subset (6 images per domain and class, 64 px, one epoch) in a temporary copy of
-# the project, through the Prefect flow: the main results are not touched.
+# the project, through the Prefect flow: the main results are not touched, and the copy is removed afterwards
+# (`make smoke KEEP=1` keeps it and logs its path).
 smoke: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/dg_pipeline.py --smoke
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m flows.dg_pipeline --smoke $(if $(KEEP),--keep)
 
 # A local Prefect server on 127.0.0.1 (SQLite under .prefect/) and the process serving the deployments
-# dg-pipeline/pacs, dg-pipeline/smoke and dg-pipeline/retrain-new-domains; `make stop` stops both.
+# dg-pipeline/pacs, dg-pipeline/smoke and dg-pipeline/retrain-new-domains; `make stop` stops both (also a server
+# left behind by a serving process that died) and fails if the port still has a listener it could not stop.
 serve: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/serve.py --detach
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m flows.serve --detach
 
 stop:
-	@$(PY) flows/serve.py --stop
+	@$(PY) -m flows.serve --stop
 
 clean-work:
 	rm -rf data/lodo data/cache

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-from tqdm import tqdm
+
+from bne.progress import progress as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -189,7 +190,7 @@ def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers:
         for dom, paths in index["domains"].items():
             arr = np.empty((len(paths), size, size, 3), dtype=np.uint8)
             it = pool.map(lambda p: decode_image(dataset.root / p, size), paths)
-            for i, img in enumerate(tqdm(it, total=len(paths), desc=f"cache {dom} @{size}px", leave=False, disable=not progress)):
+            for i, img in enumerate(progress_bar(it, total=len(paths), desc=f"cache {dom} @{size}px", unit="img", enabled=progress)):
                 arr[i] = img
             tmp = out_dir / f".{dom}.npy.tmp"
             with open(tmp, "wb") as f:
@@ -238,15 +239,17 @@ def load_cache(dataset: FolderDataset, cache_dir: Path | str, skip: Sequence[str
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    hflip: float = 0.5
-    brightness: float = 0.3
-    contrast: float = 0.3
-    saturation: float = 0.3
-    hue: float = 0.05
-    grayscale: float = 0.1
+    """Training augmentation; no defaults: the values come from ``params.yaml`` (``train.augment:``)."""
+
+    crop_scale: tuple[float, float]  # random resized crop: area fraction [low, high]
+    hflip: float  # probability of a horizontal flip
+    brightness: float  # colour jitter strengths
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale: float  # probability of grayscale
 
 
 class Augment:

@@ -93,18 +93,18 @@ def distance_weights(distances: torch.Tensor, weighting: str = "inverse", power:
     return torch.softmax(logits, dim=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InferenceOptions:
-    """How BNE turns per-layer distances into weights. Defaults follow the paper."""
+    """How BNE turns per-layer distances into weights. No defaults: ``params.yaml``'s ``eval.options`` (the paper's)."""
 
-    embedding: str = "running"  # running | population | instance_average
-    distance: str = "w2"
-    layers: str | tuple[int, ...] = "all"
-    aggregate: str = "mean"  # mean | sum over layers
-    weighting: str = "inverse"
-    power: float = 1.0
-    temperature: float = 1.0
-    instance_stats: str = "per_branch"  # per_branch | single_pass
+    embedding: str  # running | population | instance_average
+    distance: str  # one of DISTANCES
+    layers: str | tuple[int, ...]  # one of LAYER_SETS, or layer indices
+    aggregate: str  # mean | sum over layers
+    weighting: str  # one of WEIGHTINGS
+    power: float  # inverse weighting: D^-power
+    temperature: float  # softmax weighting: softmax(-D / temperature)
+    instance_stats: str  # per_branch | single_pass
 
 
 def aggregate_layers(layer_dists: torch.Tensor, layers: list[int], how: str = "mean") -> torch.Tensor:

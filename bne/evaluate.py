@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bne.data import to_tensor
-from bne.embedding import DISTANCES, InferenceOptions, bne_weights, ensemble, layer_mean_matrix, per_layer_distances
+from bne.embedding import (
+    DISTANCES,
+    InferenceOptions,
+    bne_weights,
+    ensemble,
+    layer_mean_matrix,
+    per_layer_distances,
+)
+from bne.io import atomic_call
 from bne.model import DGNet
 from bne.norm.dsbn import MEAN_DOMAIN
+from bne.progress import progress
 from bne.stats import DomainStats, InstanceRecorder
 
 MODES = ("per_branch", "single_pass")
@@ -30,15 +39,24 @@ class BranchOutputs:
     dists: dict[tuple[str, str, str], torch.Tensor]
 
     def save(self, path) -> None:
+        """Written atomically: a killed writer leaves the previous file or none, never a torn one."""
         arrays = {"probs": self.probs.numpy(), "labels": self.labels.numpy()}
         arrays.update({"dist/" + "/".join(k): v.numpy() for k, v in self.dists.items()})
-        np.savez_compressed(path, **arrays)
+
+        def write(tmp) -> None:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
+
+        atomic_call(path, write)
 
     @classmethod
     def load(cls, path) -> BranchOutputs:
-        with np.load(path, allow_pickle=False) as z:
-            dists = {tuple(k.split("/")[1:]): torch.from_numpy(z[k]) for k in z.files if k.startswith("dist/")}
-            return cls(torch.from_numpy(z["probs"]), torch.from_numpy(z["labels"]), dists)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                dists = {tuple(k.split("/")[1:]): torch.from_numpy(z[k]) for k in z.files if k.startswith("dist/")}
+                return cls(torch.from_numpy(z["probs"]), torch.from_numpy(z["labels"]), dists)
+        except (zipfile.BadZipFile, KeyError, EOFError) as e:
+            raise ValueError(f"{path}: not a complete branch-outputs file ({e}); rerun the stage that writes it") from None
 
 
 def _batches(n: int, batch: int):
@@ -51,7 +69,7 @@ def plain_probs(model: DGNet, images: np.ndarray, batch: int, device: torch.devi
     model.eval()
     out = [
         torch.softmax(model(to_tensor(images[sl]).to(device)).float(), 1).cpu()
-        for sl in tqdm(list(_batches(len(images), batch)), desc=desc, disable=not desc, leave=False)
+        for sl in progress(list(_batches(len(images), batch)), desc=desc, unit="batch", enabled=bool(desc))
     ]
     return torch.cat(out)
 
@@ -117,7 +135,7 @@ def branch_outputs(
         for kind, st in embeddings.items()
     }
     probs, dists = [], {(m, k, d): [] for m in MODES[: 1 + single_pass] for k in emb for d in DISTANCES}
-    for sl in tqdm(list(_batches(len(images), batch)), desc=desc, disable=not desc, leave=False):
+    for sl in progress(list(_batches(len(images), batch)), desc=desc, unit="batch", enabled=bool(desc)):
         x = to_tensor(images[sl]).to(device)
         logits, rec = run_branches(model, x, chunk)
         probs.append(torch.softmax(logits.float(), -1).cpu())

@@ -31,9 +31,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from bne.data import FolderDataset, Sample, load_folder_dataset, read_split_file, safe_relpath, scan_folder
+from bne.data import (
+    FolderDataset,
+    Sample,
+    load_folder_dataset,
+    read_split_file,
+    safe_relpath,
+    scan_folder,
+)
+from bne.progress import progress as progress_bar
 
 MANIFEST = "manifest.parquet"
 REPORT = "ingest_report.json"
@@ -200,7 +207,7 @@ def ingest(
     listed = read_sums(sums_file, source) if sums_file else None
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         it = pool.map(lambda rel: inspect_image(source / rel), paths)
-        facts = list(tqdm(it, total=len(paths), desc="ingest", unit="img", disable=not progress))
+        facts = list(progress_bar(it, total=len(paths), desc="ingest", unit="img", enabled=progress))
     digests = {p: f.sha256 for p, f in zip(paths, facts)}
     checksums = verify_sums(sums_file, listed, digests, source) if listed is not None else None
     meta = {

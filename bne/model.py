@@ -35,24 +35,28 @@ INPUT_MEAN_STD = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """What is needed to rebuild a network: backbone, classes, domains and normalization options."""
+    """What is needed to rebuild a network: backbone, classes, domains and normalization options.
 
-    backbone: str = "efficientnet_lite0"
-    num_classes: int = 7
+    No defaults: the values come from ``params.yaml`` (``model:``, through ``tasks.params``); ``num_classes``
+    and ``domains`` come from the data.
+    """
+
+    backbone: str  # one of BACKBONES
+    num_classes: int
     domains: tuple[str, ...] = ()  # empty: an ordinary (DeepAll) network
-    weights: str = "pretrained"  # "pretrained" (Lite0's packaged ImageNet weights), "none", or a file path
-    bn_momentum: float = 0.1
-    domain_affine: bool = False
-    dropout: float = 0.2
-    drop_connect: float = 0.2
-    norm: str = "bn"  # domain-specific normalization layer, one of NORMS
-    norm_groups: int = 32  # bgn: groups G of the batch statistics; proxynorm: GroupNorm groups (gcd with C)
-    cbn_window: int = 4  # cbn: iterations averaged, the current one included (k; the authors' buffer of 3)
-    cbn_burnin: int = 50  # cbn: plain BN for a domain's first iterations, before cross-iteration statistics
-    mbn_window: int = 4  # mbn: batches pooled, the current one included (k)
-    proxy_eps: float = 0.03  # proxynorm: epsilon of the proxy variance
+    weights: str  # "pretrained" (Lite0's packaged ImageNet weights), "none", or a file path
+    bn_momentum: float
+    domain_affine: bool
+    dropout: float
+    drop_connect: float
+    norm: str  # domain-specific normalization layer, one of NORMS
+    norm_groups: int  # bgn: groups G of the batch statistics; proxynorm: GroupNorm groups (gcd with C)
+    cbn_window: int  # cbn: iterations averaged, the current one included (k; the authors' buffer of 3)
+    cbn_burnin: int  # cbn: plain BN for a domain's first iterations, before cross-iteration statistics
+    mbn_window: int  # mbn: batches pooled, the current one included (k)
+    proxy_eps: float  # proxynorm: epsilon of the proxy variance
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -145,15 +149,13 @@ def domain_norm(
     raise ValueError(f"unknown norm {spec.norm!r}; choose one of {NORMS}")
 
 
-def convert_to_domain_specific(
-    net: nn.Module, num_domains: int, domain_affine: bool = False, spec: ModelSpec | None = None
-) -> nn.Module:
+def convert_to_domain_specific(net: nn.Module, num_domains: int, spec: ModelSpec) -> nn.Module:
     """Replace every BatchNorm2d of ``net`` (in place) by a domain-specific layer starting from its state.
 
-    The layer type and its hyper-parameters come from ``spec`` (default: DomainBatchNorm2d). Each layer's
-    ``source`` (used by CBN) is the last Conv2d before it in module order with matching output channels.
+    The layer type, its hyper-parameters and ``domain_affine`` come from ``spec`` (``norm: bn``: DSBN). Each
+    layer's ``source`` (used by CBN) is the last Conv2d before it in module order with matching output channels.
     """
-    spec = spec or ModelSpec()
+    domain_affine = spec.domain_affine
     last_conv: nn.Conv2d | None = None
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -201,9 +203,9 @@ class DGNet(nn.Module):
         self.spec = spec
         net = build_backbone(spec)
         if spec.domains:
-            convert_to_domain_specific(net, len(spec.domains), spec.domain_affine, spec)
+            convert_to_domain_specific(net, len(spec.domains), spec)
         elif spec.norm != "bn":  # DeepAll with the same layer type: one domain, every sample routed to it
-            convert_to_domain_specific(net, 1, spec.domain_affine, spec)
+            convert_to_domain_specific(net, 1, spec)
         self.net = net
         mean, std = INPUT_MEAN_STD[spec.backbone]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bne.io import atomic_call  # noqa: E402
+
 
 def accuracy_bars(metrics: dict, targets: list[str], methods: list[str], path: Path, title: str = "") -> None:
     """Grouped bars: one group per held-out target (and the mean), one bar per method."""
@@ -26,7 +28,7 @@ def accuracy_bars(metrics: dict, targets: list[str], methods: list[str], path: P
     ax.legend(ncol=len(methods), fontsize=8, loc="lower center")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_call(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -40,7 +42,7 @@ def weight_histograms(weights: dict[str, np.ndarray], sources: dict[str, list[st
         ax.set_xlabel("BNE weight")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_call(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -62,7 +64,7 @@ def confusion_matrices(confusions: dict[str, dict[str, list]], classes: list[str
                     ax.text(k, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=5, color="white" if v > 0.6 else "black")
             ax.set_title(f"{target}: {m} ({100 * np.trace(np.asarray(per_method[m])) / max(1, np.sum(per_method[m])):.1f}%)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_call(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -87,5 +89,5 @@ def embedding_maps(maps: dict[str, tuple[list[str], dict]], path: Path) -> None:
         ax.set_xlabel("PC 1 of distance profile", fontsize=7)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_call(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -8,59 +8,61 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from bne.augment import BatchAugment
 from bne.data import Augment, AugmentConfig, DomainArrays, domain_batches, to_tensor
-from bne.embedding import InferenceOptions, bne_weights, ensemble, layer_mean_matrix, per_layer_distances
+from bne.embedding import (
+    InferenceOptions,
+    bne_weights,
+    ensemble,
+    layer_mean_matrix,
+    per_layer_distances,
+)
 from bne.model import DGNet, ModelSpec, classifier, stages
 from bne.norm.mbn import double_forward
+from bne.progress import progress as report_progress
 from bne.stats import InstanceRecorder
 
 METHODS = ("deepall", "bne")
+#: The options of the training-time ensemble loss: the paper's BNE (running statistics, W2, every layer, mean,
+#: inverse distance). Fixed here on purpose, not ``eval.options``: changing how the pipeline evaluates must not
+#: change (and retrain) the models, and ``train_key`` does not record the options.
+ENSEMBLE_LOSS_OPTIONS = InferenceOptions(
+    embedding="running", distance="w2", layers="all", aggregate="mean", weighting="inverse", power=1.0,
+    temperature=1.0, instance_stats="per_branch",
+)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Optimisation budget and recipe; identical for DeepAll and BNE."""
+    """Optimisation budget and recipe; identical for DeepAll and BNE.
 
-    epochs: int = 3
-    per_domain_batch: int = 16
-    lr: float = 0.01
-    head_lr_mult: float = 10.0
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_frac: float = 0.05
-    freeze_stages: int = 4
-    select: str = "best"  # best (source-validation accuracy) | last
+    No defaults but ``seed`` (set per run): the values come from ``params.yaml`` (``train:``, through ``tasks.params``).
+    """
+
+    epochs: int
+    per_domain_batch: int
+    lr: float
+    head_lr_mult: float
+    weight_decay: float
+    momentum: float
+    warmup_frac: float
+    freeze_stages: int
+    select: str  # best (source-validation accuracy) | last
     seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    eval_batch: int = 32
+    augment: AugmentConfig
+    eval_batch: int
     # BNE only (METHOD.md "same mapping at training time"): weight of the ensemble loss, the NLL of the
     # test-time ensemble on the step's images (every branch with frozen statistics); 0 = off.
-    ensemble_loss: float = 0.0
-    ensemble_own_out: bool = True  # leave each image's own branch out of that ensemble (an unseen domain)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        unknown = set(d) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown train parameter(s): {sorted(unknown)}")
-        aug = d.pop("augment", {}) or {}
-        bad = set(aug) - set(AugmentConfig.__dataclass_fields__)
-        if bad:
-            raise ValueError(f"unknown train.augment parameter(s): {sorted(bad)}")
-        if "crop_scale" in aug:
-            aug["crop_scale"] = tuple(aug["crop_scale"])
-        return cls(augment=AugmentConfig(**aug), **d)
+    ensemble_loss: float
+    ensemble_own_out: bool  # leave each image's own branch out of that ensemble (an unseen domain)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -97,15 +99,14 @@ def spec_key(spec: ModelSpec) -> dict:
     return d
 
 
-def ensemble_loss(model: DGNet, x: torch.Tensor, y: torch.Tensor, own_out: bool = True,
-                  opts: InferenceOptions | None = None) -> torch.Tensor:
+def ensemble_loss(model: DGNet, x: torch.Tensor, y: torch.Tensor, opts: InferenceOptions, own_out: bool) -> torch.Tensor:
     """NLL of BNE's test-time ensemble on a training step's images (S equal sub-batches, domain-major).
 
     Every branch sees every image with its normalization layers in eval mode (the domains' running statistics,
-    not updated by this pass); the weights come from the images' instance statistics as at inference
-    (``opts``, default the paper's) and carry no gradient; ``own_out`` drops each image's own branch.
+    not updated by this pass); the weights come from the images' instance statistics as at inference with
+    ``opts`` (the training loop passes :data:`ENSEMBLE_LOSS_OPTIONS`) and carry no gradient; ``own_out`` drops
+    each image's own branch.
     """
-    opts = opts or InferenceOptions()
     s, n = model.num_domains, x.shape[0]
     if own_out and s < 2:
         raise ValueError(
@@ -179,6 +180,44 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def train_step(
+    model: DGNet,
+    opt: torch.optim.Optimizer,
+    minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    ensemble_options: InferenceOptions = ENSEMBLE_LOSS_OPTIONS,
+) -> torch.Tensor:
+    """One optimisation step on one minibatch per source domain: DomainBed's ``update(minibatches)``.
+
+    ``minibatches``: an (images, labels) pair per source domain, equal sizes, on the model's device; for BNE in
+    the order of ``model.spec.domains``. A domain-specific model (BNE) forwards the concatenated batch once,
+    sub-batch d through branch d; an ordinary one (DeepAll) forwards the same images as one mixed batch. Both
+    minimise the mean cross-entropy over all S x b images; BNE adds ``cfg.ensemble_loss`` x :func:`ensemble_loss`
+    when that weight is not 0. Then backward, ``opt.step()`` (at the learning rates the caller set), and, with
+    ``norm: mbn``, Memorized BN's double forward of the same batch with the updated weights. bfloat16 autocast on
+    CUDA. Returns the loss, detached, on the device: nothing is read back to the host (no sync per step).
+    """
+    domain_specific = model.num_domains > 0
+    s = len(minibatches)
+    if domain_specific and s != model.num_domains:
+        raise ValueError(f"{s} minibatch(es) for a network of {model.num_domains} domain branches {list(model.spec.domains)}")
+    x = torch.cat([xb for xb, _ in minibatches])
+    y = torch.cat([yb for _, yb in minibatches])
+    domains = list(range(s)) if domain_specific else None
+    with _autocast(x.device):
+        logits = model(x, domains=domains) if domain_specific else model(x)
+        loss = F.cross_entropy(logits.float(), y)  # mean over all S x b images, both methods
+        if domain_specific and cfg.ensemble_loss:
+            loss = loss + cfg.ensemble_loss * ensemble_loss(model, x, y, ensemble_options, cfg.ensemble_own_out)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if model.spec.norm == "mbn":  # Memorized BN's Double-Forward: re-memorise this batch's statistics with the new weights
+        with torch.no_grad(), _autocast(x.device):
+            double_forward(model, x, domains=domains)
+    return loss.detach()
+
+
 @torch.no_grad()
 def source_val_accuracy(model: DGNet, sources: list[DomainArrays], batch: int, device: torch.device) -> float:
     """Accuracy on the sources' validation rows: BNE uses each image's own-domain branch."""
@@ -218,9 +257,10 @@ def train(
 ) -> TrainResult:
     """Train ``method`` on the source domains; ``out_dir/last.pt`` is written each epoch and resumed from.
 
-    Each step draws ``per_domain_batch`` images from every source domain. BNE routes each sub-batch through
-    its domain's branch; DeepAll forwards the same images as one mixed batch through an ordinary network.
-    Both minimise the mean cross-entropy over all images of the step.
+    Each step draws ``per_domain_batch`` images from every source domain and hands them to :func:`train_step`:
+    BNE routes each sub-batch through its domain's branch; DeepAll forwards the same images as one mixed batch
+    through an ordinary network. Both minimise the mean cross-entropy over all images of the step.
+    ``progress``: a bar on a terminal, else a log line at least every 30 s (:mod:`bne.progress`).
     ``on_epoch(epoch, source_val_acc)`` is called after each epoch's checkpoint (a tuner may raise there to prune).
     """
     if method not in METHODS:
@@ -267,37 +307,25 @@ def train(
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         model.train()
         t_epoch = time.time()
-        running = 0.0
-        bar = tqdm(
+        running = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no .item() per step
+        batches = report_progress(
             domain_batches([a.train for a in sources], b, steps, gen),
             total=steps,
             desc=f"{method} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
-            leave=False,
+            unit="img",
+            items_per_step=s * b,
+            enabled=progress,
         )
-        for i, rows in enumerate(bar):
+        for i, rows in enumerate(batches):
             f = lr_factor(epoch * steps + i, total, warmup)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            if device.type == "cuda":
-                x = augment(torch.from_numpy(np.concatenate([a.images[r] for a, r in zip(sources, rows)])).to(device))
+            if device.type == "cuda":  # one augmentation call over the whole step's batch on the device
+                xs = augment(torch.from_numpy(np.concatenate([a.images[r] for a, r in zip(sources, rows)])).to(device)).split(b)
             else:
-                x = torch.cat([augment(a.images[r]) for a, r in zip(sources, rows)])
-            y = torch.cat([torch.as_tensor(a.labels[r]) for a, r in zip(sources, rows)]).to(device)
-            with _autocast(device):
-                logits = model(x, domains=list(range(s))) if method == "bne" else model(x)
-                loss = F.cross_entropy(logits.float(), y)  # mean over all S x b images, both methods
-                if method == "bne" and cfg.ensemble_loss:
-                    loss = loss + cfg.ensemble_loss * ensemble_loss(model, x, y, cfg.ensemble_own_out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if spec.norm == "mbn":  # Memorized BN's Double-Forward: re-memorise this batch's statistics with the new weights
-                with torch.no_grad(), _autocast(device):
-                    double_forward(model, x, domains=list(range(s)) if method == "bne" else None)
-            running += loss.detach().double()  # no .item() per step: it would wait for the GPU every step
-            if progress and i % 20 == 0:
-                bar.set_postfix(loss=f"{running.item() / (i + 1):.3f}")
+                xs = [augment(a.images[r]) for a, r in zip(sources, rows)]
+            minibatches = [(x, torch.as_tensor(a.labels[r]).to(device)) for x, a, r in zip(xs, sources, rows)]
+            running += train_step(model, opt, minibatches, cfg)
         running = float(running)
         val = source_val_accuracy(model, sources, cfg.eval_batch, device)
         history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val, "seconds": round(time.time() - t_epoch, 1)})

@@ -1,1 +1,0 @@
-"""Pipeline stages (plain modules; they may import orchestration and validation tools, the library may not)."""

@@ -26,11 +26,18 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from bne.data import AugmentConfig, DomainArrays, FolderDataset, load_cache
+from bne.data import AugmentConfig, DomainArrays
 from bne.embedding import LAYER_SETS, InferenceOptions
-from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict, options_from_dict
-from bne.lodo import LodoConfig
-from bne.train import TrainConfig, train
+from bne.evaluate import (
+    BranchOutputs,
+    leave_own_out_accuracy,
+    options_dict,
+    options_from_dict,
+)
+from bne.io import file_sha256, write_json
+from bne.model import ModelSpec
+from bne.train import TrainConfig, config_hash, train
+from tasks.embed import load_val
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POWER = (0.5, 16.0)  # inverse-distance power, log-uniform
@@ -191,17 +198,20 @@ def tune_inference(
 class TrainSpace:
     """Ranges of the training search; ``None`` keeps the base configuration's value."""
 
-    lr: tuple[float, float] | None = (1e-3, 1e-1)  # log-uniform
-    weight_decay: tuple[float, float] | None = (1e-5, 1e-2)  # log-uniform
-    epochs: tuple[int, int] | None = (1, 4)
-    augment_strength: tuple[float, float] | None = (0.0, 1.5)  # multiplies the base augmentation (1: unchanged)
+    lr: tuple[float, float] | None  # log-uniform
+    weight_decay: tuple[float, float] | None  # log-uniform
+    epochs: tuple[int, int] | None
+    augment_strength: tuple[float, float] | None  # multiplies the base augmentation (1: unchanged)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainSpace:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown tune.train parameter(s): {sorted(unknown)}")
-        return cls(**{k: None if v is None else tuple(v) for k, v in d.items()})
+            raise ValueError(f"unknown tune.training.space parameter(s): {sorted(unknown)}")
+        values = {k: None if d.get(k) is None else tuple(d[k]) for k in cls.__dataclass_fields__}
+        if values["epochs"] is not None:
+            values["epochs"] = tuple(int(e) for e in values["epochs"])
+        return cls(**values)
 
 
 def scale_augment(a: AugmentConfig, strength: float) -> AugmentConfig:
@@ -245,23 +255,22 @@ class TrainingObjective:
     Each epoch's source-validation accuracy is reported to the trial; a pruned trial stops after that epoch.
     """
 
-    cfg: LodoConfig
+    spec: ModelSpec
+    base: TrainConfig
+    resolution: int
     sources: list[DomainArrays]
     work_dir: Path
     device: torch.device
-    space: TrainSpace = TrainSpace()
+    space: TrainSpace
     keep_checkpoints: bool = False
     log: Callable[[str], None] = print
 
     @property
     def base_params(self) -> dict:
-        return train_params(self._base_train(), self.space)
-
-    def _base_train(self) -> TrainConfig:
-        return replace(self.cfg.train, seed=self.cfg.seeds[0])
+        return train_params(self.base, self.space)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        tcfg = suggest_train(trial, self._base_train(), self.space)
+        tcfg = suggest_train(trial, self.base, self.space)
         trial.set_user_attr("train", asdict(tcfg))
         out = Path(self.work_dir) / trial.study.study_name / f"trial{trial.number:04d}"
 
@@ -271,31 +280,12 @@ class TrainingObjective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} (source-val accuracy {acc:.4f})")
 
         try:
-            res = train("bne", self.cfg.model, self.sources, tcfg, self.cfg.resolution, out, self.device,
+            res = train("bne", self.spec, self.sources, tcfg, self.resolution, out, self.device,
                         progress=False, log=self.log, on_epoch=on_epoch)
         finally:
             if not self.keep_checkpoints:
                 shutil.rmtree(out, ignore_errors=True)
         return max(h["source_val_acc"] for h in res.history)
-
-
-def training_objective(
-    cfg: LodoConfig, sources: list[DomainArrays], work_dir: Path | str, device: torch.device, space: TrainSpace = TrainSpace(), **kw
-) -> TrainingObjective:
-    """The trial objective of a training study over ``sources`` only (see :class:`TrainingObjective`)."""
-    return TrainingObjective(cfg, list(sources), Path(work_dir), device, space, **kw)
-
-
-def source_arrays(dataset: FolderDataset, cache_dir: Path | str, held_out: str) -> list[DomainArrays]:
-    """The cached arrays of every domain but ``held_out``; the held-out domain's cache file is not opened.
-
-    (``bne.data.load_cache`` on the whole dataset would open and fingerprint every domain.)
-    """
-    if held_out not in dataset.domains:
-        raise ValueError(f"held-out domain {held_out!r} is not one of {dataset.domains}")
-    keep = [d for d in dataset.domains if d != held_out]
-    arrays = load_cache(replace(dataset, domains=keep, samples=[s for s in dataset.samples if s.domain != held_out]), cache_dir)
-    return [arrays[d] for d in keep]
 
 
 def tune_training(
@@ -393,99 +383,61 @@ def save_study_plots(study: optuna.Study, out_dir: Path | str) -> dict:
     return {"written": written, "skipped": skipped}
 
 
-# ------------------------------------------------------------------------------------------ pipeline stages
+# ------------------------------------------------------------------------------------------ pipeline stage
+
+PARAMS = ("dataset.name", "train.seeds", "eval.options", "tune.storage", "tune.inference")
 
 
-@dataclass(frozen=True)
-class TuneConfig:
-    """The ``tune`` section of ``params.yaml``."""
-
-    storage: str = ""  # "": a journal file per fold under the stage's folder; else an RDB URL shared by machines
-    inference_enabled: bool = True
-    inference_trials: int = 60
-    inference_seed: int = 0
-    inference_timeout: float | None = 600.0
-    training_enabled: bool = False
-    training_trials: int = 8
-    training_seed: int = 0
-    training_timeout: float | None = 3600.0
-    training_space: dict | None = None
-
-    @classmethod
-    def from_params(cls, path: Path | str, overrides: list[str] = ()) -> TuneConfig:
-        import yaml
-
-        from bne.lodo import apply_overrides
-
-        p = apply_overrides(yaml.safe_load(Path(path).read_text()) or {}, list(overrides)).get("tune") or {}
-        inf, tr = dict(p.get("inference") or {}), dict(p.get("training") or {})
-        unknown = (set(p) - {"storage", "inference", "training"}) | {f"inference.{k}" for k in set(inf) - {"enabled", "n_trials", "seed", "timeout"}}
-        unknown |= {f"training.{k}" for k in set(tr) - {"enabled", "n_trials", "seed", "timeout", "space"}}
-        if unknown:
-            raise ValueError(f"{path}: unknown tune parameter(s) {sorted(unknown)}")
-        return cls(
-            storage=str(p.get("storage") or ""),
-            inference_enabled=bool(inf.get("enabled", True)), inference_trials=int(inf.get("n_trials", 60)),
-            inference_seed=int(inf.get("seed", 0)), inference_timeout=inf.get("timeout", 600.0),
-            training_enabled=bool(tr.get("enabled", False)), training_trials=int(tr.get("n_trials", 8)),
-            training_seed=int(tr.get("seed", 0)), training_timeout=tr.get("timeout", 3600.0), training_space=tr.get("space"),
-        )
-
-
-def _file_digest(path: Path) -> str:
-    from bne.lodo import file_sha256
-
+def _digest(path: Path) -> str:
     return file_sha256(path)[:12]
 
 
-def tune_fold(cfg: LodoConfig, tcfg: TuneConfig, target: str, root: Path | str, reports: Path | str | None = None) -> dict:
+def run(p, layout, target: str, log: Callable[[str], None] = print) -> dict:
     """The ``tune`` stage of one fold: per seed, a study of the inference options on the ``embed`` outputs.
 
-    Writes ``<root>/tune/<dataset>/<target>/best.json`` (read by ``evaluate``), the study journal beside it (unless
-    ``tune.storage`` is an RDB URL) and the study plots to ``reports/tune/<target>/seed<seed>/``. The study name
-    carries a digest of the source-validation outputs, so a retrained model starts a new study.
+    Writes ``data/tune/<dataset>/<target>/best.json`` (read by ``evaluate``), the study journal beside it (unless
+    ``tune.storage`` is an RDB URL) and the study plots to ``reports/<dataset>/tune/<target>/seed<seed>/``. The study
+    name carries a digest of the source-validation outputs, so a retrained model starts a new study.
     """
-    from bne.lodo import FoldPaths, _write_json, load_val, passthrough_tune
-
-    paths = FoldPaths(Path(root), cfg.name, target)
-    if not tcfg.inference_enabled:
-        return passthrough_tune(cfg, target, Path(root))
-    record: dict = {"target": target, "tuned": True, "seeds": {}}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for seed in cfg.seeds:
-        val, domains = load_val(paths, seed)
-        name = f"{cfg.name}-{target}-seed{seed}-{_file_digest(paths.embed(seed) / 'val_outputs.npz')}"
-        storage = tcfg.storage or paths.tune / f"seed{seed}.journal"
-        r = tune_inference(val, domains, cfg.eval.options, n_trials=tcfg.inference_trials, seed=tcfg.inference_seed,
-                           storage=storage, study_name=name, timeout=tcfg.inference_timeout)
-        record["seeds"][str(seed)] = {"options": r["best_options"], "value": r["best_value"], "baseline": r["baseline_value"],
-                                      "trials": r["n_trials"], "study_name": name}
-        if reports is not None:
-            study = optuna.load_study(study_name=name, storage=open_storage(storage))
-            save_study_plots(study, Path(reports) / "tune" / target / f"seed{seed}")
-        print(f"{target} seed {seed}: {r['n_trials']} trials, source score {r['baseline_value']:.4f} -> {r['best_value']:.4f}")
-    _write_json(paths.tune / "best.json", record)
+    paths = layout.fold(target)
+    study, storage_url = p.tune.inference, p.tune.storage
+    base = p.eval.options.options()
+    record: dict = {"target": target, "tuned": bool(study.enabled), "seeds": {str(seed): None for seed in p.train.seeds}}
+    if study.enabled:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for seed in p.train.seeds:
+            val, domains = load_val(paths, seed)
+            name = f"{p.dataset.name}-{target}-seed{seed}-{_digest(paths.embed(seed) / 'val_outputs.npz')}"
+            storage = storage_url or paths.tune / f"seed{seed}.journal"
+            r = tune_inference(val, domains, base, n_trials=study.n_trials, seed=study.seed,
+                               storage=storage, study_name=name, timeout=study.timeout)
+            record["seeds"][str(seed)] = {"options": r["best_options"], "value": r["best_value"], "baseline": r["baseline_value"],
+                                          "trials": r["n_trials"], "study_name": name}
+            save_study_plots(optuna.load_study(study_name=name, storage=open_storage(storage)),
+                             layout.reports / "tune" / target / f"seed{seed}")
+            log(f"{target} seed {seed}: {r['n_trials']} trials, source score {r['baseline_value']:.4f} -> {r['best_value']:.4f}")
+    write_json(paths.tune / "best.json", record)
     return record
 
 
-def tuned_train_config(cfg: LodoConfig, tcfg: TuneConfig, dataset: FolderDataset, cache_dir: Path | str, target: str,
-                       work: Path | str, device: torch.device) -> tuple[TrainConfig, dict]:
+def tuned_train_config(spec: ModelSpec, base: TrainConfig, resolution: int, study, storage: str, sources: list[DomainArrays],
+                       name: str, work: Path | str, device: torch.device) -> tuple[TrainConfig, dict]:
     """Level (b): a study of the training hyper-parameters on the fold's source domains; the best TrainConfig.
 
-    The held-out domain's cache file is never opened (:func:`source_arrays`). The journal lives in ``work``.
+    ``study`` is ``tune.training``; the held-out domain is not among ``sources``. The journal lives in ``work``.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sources = source_arrays(dataset, cache_dir, target)
-    space = TrainSpace.from_dict(tcfg.training_space) if tcfg.training_space else TrainSpace()
-    obj = training_objective(cfg, sources, Path(work) / "trials", device, space)
-    storage = tcfg.storage or Path(work) / "train-study.journal"
-    name = f"{cfg.name}-{target}-train-{_file_digest_of_cfg(cfg, sources)}"
-    r = tune_training(obj, n_trials=tcfg.training_trials, seed=tcfg.training_seed, storage=storage, study_name=name,
-                      timeout=tcfg.training_timeout, enqueue=obj.base_params)
-    return TrainConfig.from_dict(r["best_train"]), r
+    space = TrainSpace.from_dict(dict(study.space))
+    obj = TrainingObjective(spec, base, resolution, list(sources), Path(work) / "trials", device, space)
+    name = f"{name}-train-{config_hash(spec, base, resolution, [a.fingerprint for a in sources])[:12]}"
+    r = tune_training(obj, n_trials=study.n_trials, seed=study.seed, storage=storage or Path(work) / "train-study.journal",
+                      study_name=name, timeout=study.timeout, enqueue=obj.base_params)
+    return _train_config(r["best_train"]), r
 
 
-def _file_digest_of_cfg(cfg: LodoConfig, sources: list[DomainArrays]) -> str:
-    from bne.train import config_hash
-
-    return config_hash(cfg.model, cfg.train, cfg.resolution, [a.fingerprint for a in sources])[:12]
+def _train_config(d: dict) -> TrainConfig:
+    """A TrainConfig from its ``asdict`` (as a trial records it)."""
+    d = dict(d)
+    aug = dict(d.pop("augment"))
+    aug["crop_scale"] = tuple(aug["crop_scale"])
+    return TrainConfig(augment=AugmentConfig(**aug), **d)

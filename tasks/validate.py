@@ -9,7 +9,8 @@ GX expresses the per-row checks (nulls, ranges, value sets, uniqueness, class/la
 does not express (every class in every domain, images per domain and class, identical content across domains or
 splits) are computed with pandas and reported in the same structure. Decoding, size and mode were recorded at ingest.
 
-``python -m tasks.validate MANIFEST [--reports DIR] ...`` is ``bne validate``.
+The configured ``dataset.domains`` / ``dataset.classes`` apply only to a manifest of the configured dataset
+(``dataset.name``); any other manifest is validated on its own, and the report says so.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
-import yaml
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.row_conditions import Column
 
@@ -38,22 +38,30 @@ WHERE = ["path", "domain", "class"]
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    min_per_class: int = 5  # fewer images of a class in a domain is a warning
-    min_size: int = 32  # smallest accepted width and height, pixels
+    min_per_class: int  # fewer images of a class in a domain is a warning
+    min_size: int  # smallest accepted width and height, pixels
     domains: tuple[str, ...] | None = None  # when given, the manifest must have exactly these
     classes: tuple[str, ...] | None = None
 
-    @classmethod
-    def from_params(cls, path: Path | str) -> ValidationConfig:
-        """``dataset.domains`` / ``dataset.classes`` and ``validate.min_per_class`` / ``validate.min_size``, when set."""
-        p = yaml.safe_load(Path(path).read_text()) or {}
-        ds, v = p.get("dataset") or {}, p.get("validate") or {}
-        return cls(
-            min_per_class=int(v.get("min_per_class", cls.min_per_class)),
-            min_size=int(v.get("min_size", cls.min_size)),
-            domains=tuple(ds["domains"]) if ds.get("domains") else None,
-            classes=tuple(ds["classes"]) if ds.get("classes") else None,
-        )
+
+PARAMS = ("dataset.name", "dataset.domains", "dataset.classes", "validation.min_per_class", "validation.min_size")
+
+
+def config_for(p, manifest: Path | str) -> tuple[ValidationConfig, str]:
+    """The suite's settings for ``manifest`` and a note: the configured domains and classes only for its dataset."""
+    base = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size)
+    name = read_manifest_meta(manifest)["dataset"]
+    if name != p.dataset.name:
+        return base, (f"{manifest} is dataset {name!r}, not the configured {p.dataset.name!r}: "
+                      "validated on its own (dataset.domains and dataset.classes not applied)")
+    return replace(base, domains=tuple(p.dataset.domains), classes=tuple(p.dataset.classes) or None), ""
+
+
+def run(p, layout, reports_root: Path) -> dict:
+    """The pipeline's gate: ``layout.ingest``'s manifest -> ``layout.manifest`` on success."""
+    manifest = layout.ingest / "manifest.parquet"
+    cfg, note = config_for(p, manifest)
+    return validate_manifest(manifest, reports_root, cfg, layout.manifest, note)
 
 
 def _plain(v: object) -> object:
@@ -209,6 +217,8 @@ def summary(report: dict) -> str:
     n = len(report["failures"]) + len(report["warnings"]) + len(report["passed"])
     head = "passed" if report["success"] else f"FAILED ({len(report['failures'])} of {n} checks)"
     lines = [f"validation of {report['manifest']} ({report['rows']} images): {head}"]
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
     for kind, group in (("error", report["failures"]), ("warning", report["warnings"])):
         for c in group:
             exc = f": {c['exception']}" if c.get("exception") else ""
@@ -228,8 +238,9 @@ def _write(path: Path, text: str) -> None:
 def validate_manifest(
     manifest_path: Path | str,
     reports_dir: Path | str,
-    config: ValidationConfig = ValidationConfig(),
+    config: ValidationConfig,
     validated: Path | str | None = None,
+    note: str = "",
 ) -> dict:
     """Run the suite; write the report (always) and the validated copy (on success); return the report.
 
@@ -246,6 +257,7 @@ def validate_manifest(
             "success": all(c["success"] for c in checks if c["severity"] == "error"),
             "rows": len(df),
             "config": asdict(config),
+            "note": note,
             "great_expectations": gx.__version__,
             "failures": [c for c in checks if not c["success"] and c["severity"] == "error"],
             "warnings": [c for c in checks if not c["success"] and c["severity"] == "warning"],
@@ -263,16 +275,3 @@ def validate_manifest(
         shutil.copyfile(manifest_path, tmp)
         os.replace(tmp, target)
     return report
-
-
-def main() -> None:
-    """``python -m tasks.validate``: the ``bne validate`` command."""
-    import typer
-
-    from bne.cli import validate
-
-    typer.run(validate)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,10 +11,40 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import tasks.params
+from bne.data import AugmentConfig
+from bne.embedding import InferenceOptions
+from bne.model import ModelSpec
+from bne.train import TrainConfig
+
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The project's parameters: the tests take every setting they do not change from ``params.yaml``.
+PARAMS = tasks.params.load(ROOT / "params.yaml")
+
+
+def spec(**changes) -> ModelSpec:
+    """``params.yaml``'s model for 3 classes (DeepAll unless ``domains`` is given), with ``changes``."""
+    return dataclasses.replace(PARAMS.model.spec(num_classes=3), **changes)
+
+
+def train_cfg(**changes) -> TrainConfig:
+    """``params.yaml``'s training recipe (seed 0), with ``changes``."""
+    return dataclasses.replace(PARAMS.train.config(seed=0), **changes)
+
+
+def options(**changes) -> InferenceOptions:
+    """``params.yaml``'s BNE inference options (``eval.options``), with ``changes``."""
+    return dataclasses.replace(PARAMS.eval.options.options(), **changes)
+
+
+def augment_cfg(**changes) -> AugmentConfig:
+    """``params.yaml``'s training augmentation (``train.augment``), with ``changes``."""
+    return dataclasses.replace(PARAMS.train.augment.config(), **changes)
 
 CLASSES = ("circle", "square", "triangle")
 # style: background colour, foreground colour, texture noise amplitude

@@ -5,11 +5,13 @@ import colorsys
 import numpy as np
 import pytest
 import torch
+from conftest import augment_cfg
 
 from bne.augment import GRAY, BatchAugment, _hsv_to_rgb, _rgb_to_hsv, crop_boxes
-from bne.data import AugmentConfig
 
-NONE = dict(crop_scale=[1.0, 1.0], hflip=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale=0.0)
+NONE = dict(crop_scale=(1.0, 1.0), hflip=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale=0.0)
+#: The strengths the per-image test means (params.yaml's train.augment).
+DEFAULT = dict(crop_scale=(0.7, 1.0), hflip=0.5, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, grayscale=0.1)
 
 
 def _images(n=6, size=24, seed=0):
@@ -22,20 +24,20 @@ def _float(images):
 
 def test_no_augmentation_is_identity():
     x = _images()
-    out = BatchAugment(AugmentConfig(**NONE), 24)(x)
+    out = BatchAugment(augment_cfg(**NONE), 24)(x)
     assert out.shape == (6, 3, 24, 24) and out.dtype == torch.float32
     torch.testing.assert_close(out, _float(x), atol=1e-5, rtol=0)
 
 
 def test_flip_mirrors_every_image():
     x = _images()
-    out = BatchAugment(AugmentConfig(**{**NONE, "hflip": 1.0}), 24)(x)
+    out = BatchAugment(augment_cfg(**{**NONE, "hflip": 1.0}), 24)(x)
     torch.testing.assert_close(out, _float(x).flip(-1), atol=1e-5, rtol=0)
 
 
 def test_grayscale_uses_luma_weights():
     x = _images()
-    out = BatchAugment(AugmentConfig(**{**NONE, "grayscale": 1.0}), 24)(x)
+    out = BatchAugment(augment_cfg(**{**NONE, "grayscale": 1.0}), 24)(x)
     f = _float(x)
     luma = sum(w * f[:, c] for c, w in enumerate(GRAY))
     for c in range(3):
@@ -65,7 +67,7 @@ def test_crops_follow_scale_and_ratio():
 
 def test_parameters_are_per_image_and_seeded():
     x = _images(1).repeat(8, 1, 1, 1)  # eight copies of one image
-    aug = BatchAugment(AugmentConfig(), 20)
+    aug = BatchAugment(augment_cfg(**DEFAULT), 20)
     torch.manual_seed(3)
     a = aug(x)
     torch.manual_seed(3)
@@ -80,6 +82,6 @@ def test_parameters_are_per_image_and_seeded():
 def test_jitter_strength_zero_point_and_range(op):
     x = _images()
     torch.manual_seed(0)
-    out = BatchAugment(AugmentConfig(**{**NONE, op: 0.5}), 24)(x)
+    out = BatchAugment(augment_cfg(**{**NONE, op: 0.5}), 24)(x)
     assert out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, _float(x), atol=1e-3)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bne.cli import app
+from tasks.cli import app
 from bne.data import decode_image, load_cache, load_folder_dataset
 from bne.ingest import dataset_from_manifest, ingest
 

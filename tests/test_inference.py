@@ -3,21 +3,25 @@
 import numpy as np
 import pytest
 import torch
+from conftest import options, spec
 
-from bne.embedding import InferenceOptions
 from bne.evaluate import bne_inference, bne_predict, branch_outputs
-from bne.model import DGNet, ModelSpec
+from bne.model import DGNet
 from bne.stats import population_stats, running_stats
+
+PAPER = dict(embedding="running", distance="w2", layers="all", aggregate="mean", weighting="inverse", power=1.0,
+             temperature=1.0, instance_stats="per_branch")  # the paper's BNE (params.yaml's eval.options)
 
 
 @pytest.mark.parametrize("opts", [
-    InferenceOptions(),
-    InferenceOptions(embedding="population", distance="kl", layers="late", weighting="softmax", temperature=0.5),
-    InferenceOptions(instance_stats="single_pass", power=3.0, aggregate="sum"),
+    options(**PAPER),
+    options(**{**PAPER, "embedding": "population", "distance": "kl", "layers": "late", "weighting": "softmax",
+               "temperature": 0.5}),
+    options(**{**PAPER, "instance_stats": "single_pass", "power": 3.0, "aggregate": "sum"}),
 ])
 def test_bne_inference_matches_branch_outputs(opts):
     torch.manual_seed(0)
-    model = DGNet(ModelSpec(backbone="resnet18", weights="none", num_classes=3, domains=("a", "b", "c")))
+    model = DGNet(spec(backbone="resnet18", weights="none", num_classes=3, domains=("a", "b", "c")))
     model.train()
     for d in (0, 1, 2):  # give the branches different statistics
         model(torch.rand(8, 3, 32, 32) * (0.5 + d), domains=d)

@@ -10,7 +10,7 @@ from conftest import make_dataset, save_mode_variants
 from PIL import Image
 from typer.testing import CliRunner
 
-from bne.cli import app
+from tasks.cli import app
 from bne.ingest import MANIFEST, REPORT, SCHEMA, find_new_domains, ingest, read_manifest_meta
 
 DOMAINS = ("red_on_white", "yellow_on_blue")

@@ -1,33 +1,42 @@
-"""End to end on synthetic styles: three source styles train BNE, a fourth style is the unseen target."""
+"""End to end on synthetic styles: three source styles train BNE, a fourth style is the unseen target.
+
+Runs `bne lodo`'s stage functions (the ones `dvc repro` runs) on a copy of params.yaml with a few overrides.
+"""
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bne.embedding import InferenceOptions
-from bne.lodo import EvalConfig, LodoConfig, load_params, run_lodo
-from bne.model import ModelSpec
-from bne.train import TrainConfig
+from tasks import params as P
+from tasks.lodo import run_lodo
+
+ROOT = Path(__file__).resolve().parents[1]
+STYLES = ["red_on_white", "yellow_on_blue", "noisy_gray", "green_on_black"]
+
+
+def synthetic_params(tmp: Path, data_root: Path, *extra: str) -> Path:
+    """params.yaml of the project with the synthetic dataset and a small budget."""
+    path = tmp / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    P.write_overrides(path, [
+        "dataset.name=syn", f"dataset.root={data_root}", "dataset.splits=''", "dataset.val_fraction=0.25",
+        f"dataset.domains=[{', '.join(STYLES)}]", "dataset.folds=[green_on_black]", "train.resolution=64",
+        "train.seeds=[0]", "train.device=cpu", "train.epochs=3", "train.per_domain_batch=8", "train.warmup_frac=0.1",
+        "eval.batch=16", "tune.inference.enabled=false", *extra,
+    ])
+    return path
 
 
 @pytest.fixture(scope="module")
 def lodo_run(synthetic_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lodo")
-    cfg = LodoConfig(
-        name="syn",
-        root=str(synthetic_root),
-        splits=None,
-        val_fraction=0.25,
-        resolution=64,
-        seeds=(0,),
-        targets=("green_on_black",),
-        device="cpu",
-        model=ModelSpec(num_classes=3),
-        train=TrainConfig(epochs=3, per_domain_batch=8, lr=0.01, freeze_stages=4, warmup_frac=0.1),
-        eval=EvalConfig(batch=16, options=InferenceOptions()),
-    )
-    metrics = run_lodo(cfg, tmp / "work", tmp / "reports", tmp / "cache", log=lambda m: None, progress=False)
-    return cfg, tmp, metrics
+    path = synthetic_params(tmp, synthetic_root)
+    p = P.load(path)
+    metrics = run_lodo(p, tmp, tmp, log=lambda m: None, progress=False)
+    return p, tmp, metrics
 
 
 def test_embedding_identifies_source_domains(lodo_run):
@@ -45,17 +54,17 @@ def test_bne_on_an_unseen_style_is_far_above_chance(lodo_run):
 
 def test_reports_have_the_promised_shape(lodo_run):
     _, tmp, metrics = lodo_run
-    on_disk = json.loads((tmp / "reports" / "metrics.json").read_text())
+    on_disk = json.loads((tmp / "reports" / "syn" / "metrics.json").read_text())
     assert on_disk == metrics
     assert set(on_disk) == {"green_on_black", "mean"}
     for k in ("deepall", "bne", "uniform", "nearest", "oracle"):
         assert 0 <= on_disk["mean"][k] <= 100
-    table = (tmp / "reports" / "metrics.md").read_text()
+    table = (tmp / "reports" / "syn" / "metrics.md").read_text()
     assert "| green_on_black |" in table and "| mean |" in table
-    assert (tmp / "work" / "stats" / "syn" / "green_on_black.parquet").is_file()
+    assert (tmp / "data" / "stats" / "syn" / "green_on_black.parquet").is_file()
     for fig in ("accuracy.png", "bne_weights.png", "confusion.png", "embedding_map.png"):
-        assert (tmp / "reports" / fig).stat().st_size > 0
-    fold = json.loads((tmp / "reports" / "details.json").read_text())["folds"][0]
+        assert (tmp / "reports" / "syn" / fig).stat().st_size > 0
+    fold = json.loads((tmp / "reports" / "syn" / "details.json").read_text())["folds"][0]
     n_target = 24 * 3  # every image of the held-out style
     assert sum(map(sum, fold["confusion"]["bne"])) == n_target == sum(map(sum, fold["confusion"]["deepall"]))
     assert abs(sum(fold["mean_weights"]) - 1) < 1e-5
@@ -65,7 +74,7 @@ def test_statistics_parquet_has_the_documented_schema(lodo_run):
     import pyarrow.parquet as pq
 
     _, tmp, _ = lodo_run
-    t = pq.read_table(tmp / "work" / "stats" / "syn" / "green_on_black.parquet")
+    t = pq.read_table(tmp / "data" / "stats" / "syn" / "green_on_black.parquet")
     for col in ("dataset", "held_out", "seed", "domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind"):
         assert col in t.column_names
     meta = {k.decode(): v.decode() for k, v in t.schema.metadata.items()}
@@ -78,61 +87,43 @@ def test_statistics_parquet_has_the_documented_schema(lodo_run):
 
 
 def test_target_never_reaches_training_or_selection(lodo_run, monkeypatch):
-    """Rerun training and option selection with the target's arrays poisoned: nothing before evaluation reads them."""
-    import bne.lodo as lodo
+    """The stages before evaluate never open the held-out domain's cache file; evaluate does."""
+    from tasks import embed, evaluate, stats, train, tune
+    from tasks.paths import Layout
 
-    cfg, tmp, _ = lodo_run
-    from bne.data import build_cache, load_cache, load_folder_dataset
+    p, tmp, _ = lodo_run
+    layout = Layout(tmp, "syn")
+    target_file = layout.cache(64) / "green_on_black.npy"
+    opened = []
+    real_load = np.load
 
-    ds = load_folder_dataset(cfg.root, None, cfg.val_fraction)
-    arrays = load_cache(ds, build_cache(ds, cfg.resolution, tmp / "cache" / "syn" / "64"))
-    reads = []
+    def spy(file, *a, **k):
+        opened.append(Path(file).resolve())
+        return real_load(file, *a, **k)
 
-    class Spy:
-        def __init__(self, a):
-            self.a = a
-
-        def __getitem__(self, k):
-            reads.append(k)
-            return self.a[k]
-
-        def __len__(self):
-            return len(self.a)
-
-    tgt = arrays["green_on_black"]
-    tgt.images = Spy(tgt.images)
-    real_branch_outputs = lodo.branch_outputs
-    order = []
-
-    def tracking(model, images, *a, **k):
-        order.append("target" if isinstance(images, Spy) else "source")
-        assert not reads, "held-out images were read before the target evaluation"
-        return real_branch_outputs(model, images, *a, **k)
-
-    monkeypatch.setattr(lodo, "branch_outputs", tracking)
-    root = tmp / "work_again"
-    for stage in (lodo.train_fold, lodo.stats_fold, lodo.embed_fold):
-        stage(cfg, ds, arrays, "green_on_black", root, log=lambda m: None)
-        assert not reads, f"{stage.__name__} read held-out images"
-    lodo.passthrough_tune(cfg, "green_on_black", root)
-    lodo.evaluate_fold(cfg, ds, arrays, "green_on_black", root, log=lambda m: None, progress=False)
-    assert order == ["source", "target"] and reads
+    monkeypatch.setattr(np, "load", spy)
+    for module in (train, stats, embed, tune):
+        view = p.scoped(module.PARAMS, module.__name__)
+        args = (view, layout, "green_on_black")
+        module.run(*args, log=lambda m: None) if module in (stats, tune) else module.run(*args, progress=False, log=lambda m: None)
+        assert target_file.resolve() not in opened, f"{module.__name__} opened the held-out domain"
+    assert opened, "the spy saw no cache reads at all"
+    evaluate.run(p.scoped(evaluate.PARAMS, "evaluate"), layout, "green_on_black", progress=False, log=lambda m: None)
+    assert target_file.resolve() in opened
 
 
-def test_params_file_is_strict(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("dataset: {name: x, root: imgs}\nmodel: {backbone: resnet18, bogus: 1}\ntrain: {resolution: 32}\neval: {}\n")
-    with pytest.raises(ValueError, match="bogus"):
-        load_params(p)
+def test_every_declared_parameter_is_read(lodo_run):
+    """Each stage's PARAMS (= its dvc.yaml params) is what it reads: no key declared in vain."""
+    from tasks import cache, embed, evaluate, ingest, report, stats, train, tune, validate
+
+    for module in (ingest, validate, cache, train, stats, embed, tune, evaluate, report):
+        stage = module.__name__.split(".")[-1]
+        read = {k for s, k in P.READS if s == stage}
+        unread = [d for d in module.PARAMS if not any(k == d or k.startswith(d + ".") for k in read)]
+        assert not unread, f"{stage} declares {unread} but never reads them"
 
 
-def test_dotted_overrides(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("dataset: {name: x, root: imgs}\nmodel: {backbone: resnet18}\ntrain: {resolution: 32}\neval: {options: {power: 1.0}}\n")
-    cfg = load_params(p, overrides=["train.epochs=1", "eval.options.power=2", "eval.branch_stats=precise"])
-    assert cfg.train.epochs == 1 and cfg.eval.options.power == 2 and cfg.eval.branch_stats == "precise"
-    assert cfg.root == str((tmp_path / "imgs").resolve())
-    with pytest.raises(ValueError, match="nosuch"):
-        load_params(p, overrides=["nosuch.x=1"])
-    with pytest.raises(ValueError, match="key=value"):
-        load_params(p, overrides=["train.epochs"])
+def test_a_stage_cannot_read_an_undeclared_parameter(lodo_run):
+    p, _, _ = lodo_run
+    with pytest.raises(P.ParamsError, match="reads .train. but does not declare it"):
+        p.scoped(("dataset.name",), "probe").train.epochs

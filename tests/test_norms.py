@@ -7,10 +7,11 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from conftest import spec as make_spec
 from torch import nn
 
 import bne.model
-from bne.model import NORMS, DGNet, ModelSpec, build_backbone
+from bne.model import NORMS, DGNet, build_backbone
 from bne.norm import (
     MEAN_DOMAIN,
     BatchGroupNorm2d,
@@ -318,7 +319,8 @@ def test_cbn_keeps_no_activations_and_copies_cleanly(conv2d_weight_calls):
 def test_cbn_on_lite0_takes_the_fast_path_and_matches_autograd(conv2d_weight_calls):
     """Every CBN layer of Lite0 (static-same-padding convs, depthwise and pointwise) gets its gradients from
     the source conv's input; two BNE steps end with the same network as with autograd's gradients."""
-    spec = ModelSpec(norm="cbn", cbn_burnin=0, cbn_window=2, domains=("a", "b"), weights="none", num_classes=3)
+    spec = make_spec(backbone="efficientnet_lite0", norm="cbn", cbn_burnin=0, cbn_window=2, domains=("a", "b"), weights="none",
+                     num_classes=3)
     x, y = torch.rand(4, 3, 32, 32, dtype=F64), torch.tensor([0, 1, 2, 0])
     logits = {}
     for fast in (True, False):
@@ -577,7 +579,7 @@ def fast_build(resnet18, monkeypatch):
 
 
 def _spec(norm, domains=("a", "b"), **kw):
-    return ModelSpec(backbone="resnet18", weights="none", num_classes=3, domains=domains, norm=norm, **kw)
+    return make_spec(backbone="resnet18", weights="none", num_classes=3, domains=domains, norm=norm, **kw)
 
 
 LAYER = {
@@ -649,4 +651,4 @@ def test_deepall_uses_the_same_layer_type(norm, fast_build):
 
 def test_unknown_norm_raises():
     with pytest.raises(ValueError, match=r"'layernorm'.*bn.*proxynorm"):
-        ModelSpec(norm="layernorm")
+        make_spec(norm="layernorm")

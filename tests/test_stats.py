@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import spec
 
-from bne.model import DGNet, ModelSpec
+from bne.model import DGNet
 from bne.stats import instance_stats, population_stats, precise_running_stats, running_stats, stats_table
 
 
@@ -29,7 +30,7 @@ def test_the_network_runs_channels_last_whatever_the_input_layout():
 
 def _tiny():
     torch.manual_seed(0)
-    return DGNet(ModelSpec(backbone="resnet18", weights="none", domains=("a", "b"))).eval()
+    return DGNet(spec(backbone="resnet18", weights="none", num_classes=7, domains=("a", "b"), norm="bn", bn_momentum=0.1)).eval()
 
 
 def test_population_stats_are_exact_over_all_images():
@@ -90,8 +91,8 @@ def test_stats_parquet_round_trip_and_cli(tmp_path):
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
-    from bne.cli import app
     from bne.stats import pairwise_w2, read_stats_table
+    from tasks.cli import app
 
     model = _tiny()
     with torch.no_grad():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,10 @@ import torch
 from optuna.trial import TrialState
 
 import tasks.tune as tune
-from bne.data import AugmentConfig, build_cache, load_folder_dataset
-from bne.embedding import DISTANCES, InferenceOptions
+from bne.data import build_cache, load_cache, load_folder_dataset
+from bne.embedding import DISTANCES
 from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict
-from bne.lodo import EvalConfig, LodoConfig
-from bne.model import ModelSpec
-from bne.train import TrainConfig
+from conftest import augment_cfg, options, spec, train_cfg
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 HELD_OUT = "green_on_black"
@@ -67,26 +64,26 @@ def test_killed_inference_study_resumes_to_exactly_n_trials(tmp_path, monkeypatc
 
     monkeypatch.setattr(tune, "leave_own_out_accuracy", dies_in_fifth_trial)
     with pytest.raises(KeyboardInterrupt):
-        tune.tune_inference(val, dom, InferenceOptions(), **kw)
+        tune.tune_inference(val, dom, options(), **kw)
     study = optuna.load_study(study_name="fold", storage=journal(path))
     assert states(study) == [TrialState.COMPLETE] * 4 + [TrialState.FAIL]
     study.ask()  # a process killed mid-trial leaves a trial RUNNING for ever: it must not count either
     monkeypatch.setattr(tune, "leave_own_out_accuracy", real)
 
-    res = tune.tune_inference(val, dom, InferenceOptions(), **kw)
+    res = tune.tune_inference(val, dom, options(), **kw)
     study = optuna.load_study(study_name="fold", storage=journal(path))
     assert res["n_trials"] == 12 and res["storage"] == str(path)
     assert states(study).count(TrialState.COMPLETE) == 12 and len(study.trials) == 12 + 2
-    assert tune.tune_inference(val, dom, InferenceOptions(), **kw)["n_trials"] == 12  # complete: runs nothing
+    assert tune.tune_inference(val, dom, options(), **kw)["n_trials"] == 12  # complete: runs nothing
     assert len(optuna.load_study(study_name="fold", storage=journal(path)).trials) == 14
     first = study.trials[0]
-    assert first.user_attrs["options"] == options_dict(InferenceOptions())  # base is the first trial
-    assert first.value == res["baseline_value"] == leave_own_out_accuracy(val, dom, InferenceOptions())
+    assert first.user_attrs["options"] == options_dict(options())  # base is the first trial
+    assert first.value == res["baseline_value"] == leave_own_out_accuracy(val, dom, options())
 
 
 def test_result_is_never_worse_than_the_base_options(tmp_path):
     val, dom = outputs(1)
-    base = InferenceOptions(layers=(0, 2, 5), power=32.0)  # an explicit layer list and a power outside the range
+    base = options(layers=(0, 2, 5), power=32.0)  # an explicit layer list and a power outside the range
     res = tune.tune_inference(val, dom, base, n_trials=15, seed=3, storage=tmp_path / "a.journal", study_name="s")
     assert res["best_value"] >= res["baseline_value"]
     assert res["best_value"] == leave_own_out_accuracy(val, dom, tune.options_from_dict(res["best_options"]))
@@ -98,7 +95,7 @@ def test_same_seed_same_study(tmp_path):
     val, dom = outputs(2)
 
     def run(name: str, seed: int) -> list:
-        tune.tune_inference(val, dom, InferenceOptions(), n_trials=14, seed=seed, storage=tmp_path / f"{name}.journal", study_name="s")
+        tune.tune_inference(val, dom, options(), n_trials=14, seed=seed, storage=tmp_path / f"{name}.journal", study_name="s")
         study = optuna.load_study(study_name="s", storage=journal(tmp_path / f"{name}.journal"))
         return [(t.params, t.value) for t in study.trials]
 
@@ -111,30 +108,30 @@ def test_rdb_url_storage(tmp_path):
     val, dom = outputs(3)
     url = f"sqlite:///{tmp_path / 'tune.db'}"
     kw = dict(seed=0, storage=url, study_name="shared")
-    assert tune.tune_inference(val, dom, InferenceOptions(), n_trials=3, **kw)["n_trials"] == 3
-    res = tune.tune_inference(val, dom, InferenceOptions(), n_trials=5, **kw)  # resumes: two more trials
+    assert tune.tune_inference(val, dom, options(), n_trials=3, **kw)["n_trials"] == 3
+    res = tune.tune_inference(val, dom, options(), n_trials=5, **kw)  # resumes: two more trials
     study = optuna.load_study(study_name="shared", storage=url)
     assert res["storage"] == url and res["n_trials"] == 5 and len(study.trials) == 5
 
 
 def test_options_round_trip_and_partial_distances():
-    for opts in (InferenceOptions(), InferenceOptions(layers=(1, 3), weighting="softmax", temperature=0.3)):
+    for opts in (options(), options(layers=(1, 3), weighting="softmax", temperature=0.3)):
         assert tune.options_from_dict(options_dict(opts)) == opts
     val, dom = outputs()
     del val.dists[("single_pass", "population", "kl")]
     with pytest.raises(ValueError, match="missing"):
-        tune.InferenceSpace.of(val, InferenceOptions())
+        tune.InferenceSpace.of(val, options())
 
 
 def test_study_plots(tmp_path):
     val, dom = outputs(4)
     path = tmp_path / "p.journal"
-    tune.tune_inference(val, dom, InferenceOptions(), n_trials=1, seed=0, storage=path, study_name="s")
+    tune.tune_inference(val, dom, options(), n_trials=1, seed=0, storage=path, study_name="s")
     study = optuna.load_study(study_name="s", storage=journal(path))
     one = tune.save_study_plots(study, tmp_path / "one")
     assert [Path(p).name for p in one["written"]] == ["optimization_history.png"]
     assert "param_importances" in one["skipped"]
-    tune.tune_inference(val, dom, InferenceOptions(), n_trials=12, seed=0, storage=path, study_name="s")
+    tune.tune_inference(val, dom, options(), n_trials=12, seed=0, storage=path, study_name="s")
     many = tune.save_study_plots(study, tmp_path / "many")
     assert not many["skipped"]
     assert {Path(p).name for p in many["written"]} == {"optimization_history.png", "param_importances.png"}
@@ -160,13 +157,16 @@ def synthetic_cache(synthetic_root, tmp_path_factory):
     return ds, build_cache(ds, 32, tmp_path_factory.mktemp("tune_cache"), workers=2, progress=False)
 
 
-def lodo_config(root: Path, epochs: int = 2) -> LodoConfig:
-    return LodoConfig(
-        name="syn", root=str(root), splits=None, val_fraction=0.25, resolution=32, seeds=(0,), targets=(HELD_OUT,),
-        device="cpu", model=ModelSpec(backbone="resnet18", weights="none", num_classes=3),
-        train=TrainConfig(epochs=epochs, per_domain_batch=8, lr=0.02, freeze_stages=0, warmup_frac=0.1),
-        eval=EvalConfig(),
-    )
+SPACE = tune.TrainSpace(lr=(1e-3, 1e-1), weight_decay=(1e-5, 1e-2), epochs=None, augment_strength=(0.0, 1.5))
+
+
+def objective_for(ds, cache, work: Path, epochs: int = 2) -> tune.TrainingObjective:
+    """A training study's objective on every domain but the held-out one (its cache file is never opened)."""
+    arrays = load_cache(ds, cache, skip=[HELD_OUT])
+    sources = [arrays[d] for d in ds.domains if d != HELD_OUT]
+    base = train_cfg(epochs=epochs, per_domain_batch=8, lr=0.02, freeze_stages=0, warmup_frac=0.1)
+    return tune.TrainingObjective(spec(backbone="resnet18", weights="none"), base, 32, sources, work, torch.device("cpu"),
+                                  SPACE, log=lambda m: None)
 
 
 def test_training_study_reports_every_epoch_and_reads_only_sources(synthetic_cache, tmp_path, monkeypatch):
@@ -184,9 +184,8 @@ def test_training_study_reports_every_epoch_and_reads_only_sources(synthetic_cac
     monkeypatch.setattr(np, "load", spy(np.load))
     monkeypatch.setattr(PIL.Image, "open", spy(PIL.Image.open))
 
-    sources = tune.source_arrays(ds, cache, HELD_OUT)
-    cfg = lodo_config(ds.root)
-    objective = tune.training_objective(cfg, sources, tmp_path / "work", torch.device("cpu"), tune.TrainSpace(epochs=None), log=lambda m: None)
+    objective = objective_for(ds, cache, tmp_path / "work")
+    sources = objective.sources
     res = tune.tune_training(objective, n_trials=2, seed=0, storage=tmp_path / "train.journal", study_name="t", enqueue=objective.base_params)
     monkeypatch.undo()
 
@@ -196,21 +195,20 @@ def test_training_study_reports_every_epoch_and_reads_only_sources(synthetic_cac
         assert any(p.endswith(f"{a.name}.npy") for p in opened)
     assert res["n_complete"] == 2 and res["n_pruned"] == 0
     study = optuna.load_study(study_name="t", storage=journal(tmp_path / "train.journal"))
-    assert study.trials[0].params == {"lr": 0.02, "weight_decay": cfg.train.weight_decay, "augment_strength": 1.0}
+    assert study.trials[0].params == {"lr": 0.02, "weight_decay": objective.base.weight_decay, "augment_strength": 1.0}
     for t in study.trials:
         assert sorted(t.intermediate_values) == [1, 2]
         assert t.value == max(t.intermediate_values.values()) and 0 <= t.value <= 1
         assert t.user_attrs["train"]["lr"] == t.params["lr"] and t.user_attrs["train"]["epochs"] == 2
     assert res["best_value"] == max(t.value for t in study.trials)
-    assert TrainConfig.from_dict(res["best_train"]).lr == res["best_params"]["lr"]
+    assert tune._train_config(res["best_train"]).lr == res["best_params"]["lr"]
     assert not any((tmp_path / "work" / "t").iterdir())  # trial checkpoints removed
 
 
 def test_forced_pruning_stops_a_trial_after_its_first_epoch(synthetic_cache, tmp_path, monkeypatch):
     ds, cache = synthetic_cache
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
-    objective = tune.training_objective(lodo_config(ds.root), tune.source_arrays(ds, cache, HELD_OUT), tmp_path / "work",
-                                        torch.device("cpu"), tune.TrainSpace(epochs=None), log=lambda m: None)
+    objective = objective_for(ds, cache, tmp_path / "work")
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
     with pytest.raises(optuna.TrialPruned, match="after epoch 1"):
@@ -239,7 +237,7 @@ def test_median_pruning_waits_for_startup_trials_and_warmup_epochs(tmp_path):
 
 
 def test_train_space_helpers():
-    a = AugmentConfig()
+    a = augment_cfg()
     assert tune.scale_augment(a, 1.0) == a
     none = tune.scale_augment(a, 0.0)
     assert none.crop_scale == (1.0, 1.0) and none.brightness == 0 and none.grayscale == 0
@@ -247,6 +245,8 @@ def test_train_space_helpers():
     assert strong.crop_scale[0] == 0.05 and strong.hue == 0.5 and strong.grayscale == 1.0
     space = tune.TrainSpace.from_dict({"lr": [0.001, 0.01], "epochs": None})
     assert space.lr == (0.001, 0.01) and space.epochs is None
-    assert tune.train_params(replace(TrainConfig(), lr=0.05), space) == {"lr": 0.05, "weight_decay": 5e-4, "augment_strength": 1.0}
+    assert space.weight_decay is None  # a key left out is not searched
+    assert tune.train_params(train_cfg(lr=0.05, weight_decay=5e-4), space) == {"lr": 0.05}
+    assert tune.train_params(train_cfg(lr=0.05, weight_decay=5e-4), SPACE) == {"lr": 0.05, "weight_decay": 5e-4, "augment_strength": 1.0}
     with pytest.raises(ValueError, match="bogus"):
         tune.TrainSpace.from_dict({"bogus": [1, 2]})

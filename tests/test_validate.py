@@ -1,6 +1,7 @@
 """The Great Expectations gate on the manifest: what passes, what fails and how it is named, what survives."""
 
 import json
+from pathlib import Path
 import shutil
 
 import pyarrow as pa
@@ -10,9 +11,13 @@ from conftest import make_dataset, save_mode_variants
 from PIL import Image
 from typer.testing import CliRunner
 
-from bne.cli import app
+from tasks import params as P
+from tasks.cli import app
 from bne.ingest import MANIFEST, ingest, validated_path
-from tasks.validate import ValidationConfig, summary, validate_manifest
+from tasks.validate import ValidationConfig, config_for, summary, validate_manifest
+
+CFG = ValidationConfig(min_per_class=5, min_size=32)
+SUITE = ["--min-per-class", "5", "--min-size", "32"]
 
 DOMAINS = ("red_on_white", "yellow_on_blue")
 
@@ -35,7 +40,7 @@ def test_clean_dataset_with_converted_modes_passes(root, tmp_path):
     folder = root / "yellow_on_blue" / "square"
     save_mode_variants(folder / "square_000.png")
     manifest = _ingest(root, tmp_path)
-    report = validate_manifest(manifest, tmp_path / "reports")
+    report = validate_manifest(manifest, tmp_path / "reports", CFG)
     assert report["success"], summary(report)
     assert report["failures"] == [] and report["warnings"] == [] and "every image decodes" in report["passed"]
     saved = json.loads((tmp_path / "reports" / "toy" / "validation.json").read_text())
@@ -51,7 +56,7 @@ def test_bad_images_fail_naming_each_file(root, tmp_path):
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("not an image\n")
     Image.new("RGB", (20, 40)).save(root / "yellow_on_blue" / "circle" / "tiny.png")
-    report = validate_manifest(_ingest(root, tmp_path), tmp_path / "reports")
+    report = validate_manifest(_ingest(root, tmp_path), tmp_path / "reports", CFG)
     assert not report["success"]
     failed = _failed(report)
     decode = failed["every image decodes"]
@@ -69,7 +74,7 @@ def test_bad_images_fail_naming_each_file(root, tmp_path):
 def test_cli_missing_class_fails_naming_domain_and_class(root, tmp_path):
     shutil.rmtree(root / "yellow_on_blue" / "triangle")
     manifest = _ingest(root, tmp_path)
-    res = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "none.yaml")])
+    res = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "none.yaml"), *SUITE])
     assert res.exit_code == 1
     assert "error: every class in every domain (1)\n    domain=yellow_on_blue, class=triangle" in res.output
     report = json.loads((tmp_path / "reports" / "toy" / "validation.json").read_text())
@@ -79,11 +84,11 @@ def test_cli_missing_class_fails_naming_domain_and_class(root, tmp_path):
 
 def test_previous_validated_manifest_survives_a_failed_run(root, tmp_path):
     manifest = _ingest(root, tmp_path)
-    assert validate_manifest(manifest, tmp_path / "reports")["success"]
+    assert validate_manifest(manifest, tmp_path / "reports", CFG)["success"]
     good = validated_path(manifest).read_bytes()
     (root / "red_on_white" / "square" / "broken.png").write_bytes(b"\x89PNG\r\n")
     manifest = _ingest(root, tmp_path)
-    res = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "none.yaml")])
+    res = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "none.yaml"), *SUITE])
     assert res.exit_code == 1 and "red_on_white/square/broken.png" in res.output
     assert validated_path(manifest).read_bytes() == good
     assert json.loads((tmp_path / "reports" / "toy" / "validation.json").read_text())["success"] is False
@@ -92,14 +97,14 @@ def test_previous_validated_manifest_survives_a_failed_run(root, tmp_path):
 def test_identical_content_across_domains_and_splits(root, tmp_path):
     shutil.copy(root / "red_on_white" / "circle" / "circle_000.png", root / "yellow_on_blue" / "circle" / "copy.png")
     manifest = _ingest(root, tmp_path)
-    failed = _failed(validate_manifest(manifest, tmp_path / "reports"))
+    failed = _failed(validate_manifest(manifest, tmp_path / "reports", CFG))
     paths = {e["path"] for e in failed["no identical content across domains"]["examples"]}
     assert paths == {"red_on_white/circle/circle_000.png", "yellow_on_blue/circle/copy.png"}
     # the same content in train and val of one domain
     (root / "yellow_on_blue" / "circle" / "copy.png").unlink()
     for i in range(1, 6):
         shutil.copy(root / "red_on_white" / "square" / "square_000.png", root / "red_on_white" / "square" / f"square_00{i}.png")
-    failed = _failed(validate_manifest(_ingest(root, tmp_path), tmp_path / "reports"))
+    failed = _failed(validate_manifest(_ingest(root, tmp_path), tmp_path / "reports", CFG))
     assert "no identical content across domains" not in failed
     examples = failed["no identical content across train/val/test"]["examples"]
     assert {e["split"] for e in examples} == {"train", "val"} and all(e["class"] == "square" for e in examples)
@@ -107,19 +112,33 @@ def test_identical_content_across_domains_and_splits(root, tmp_path):
 
 def test_few_images_warn_and_configuration_must_match(root, tmp_path):
     manifest = _ingest(root, tmp_path)
-    report = validate_manifest(manifest, tmp_path / "reports", ValidationConfig(min_per_class=7))
+    report = validate_manifest(manifest, tmp_path / "reports", ValidationConfig(min_per_class=7, min_size=32))
     assert report["success"] and report["warnings"][0]["unexpected_count"] == 6
     assert "warning: at least 7 images per domain and class (6)\n    domain=red_on_white, class=circle, value=6" in summary(report)
-    cfg = ValidationConfig(domains=("red_on_white", "yellow_on_blue", "green_on_black"), classes=("circle", "square", "triangle"))
+    cfg = ValidationConfig(min_per_class=5, min_size=32, domains=("red_on_white", "yellow_on_blue", "green_on_black"), classes=("circle", "square", "triangle"))
     failed = _failed(validate_manifest(manifest, tmp_path / "reports", cfg))
     assert list(failed) == ["domains match the configuration"]
     assert failed["domains match the configuration"]["examples"] == [{"missing": "green_on_black"}]
 
 
-def test_config_from_params(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("dataset:\n  name: x\n  classes: [a, b]\nvalidate:\n  min_size: 64\n")
-    assert ValidationConfig.from_params(p) == ValidationConfig(min_size=64, classes=("a", "b"))
+def test_configured_domains_apply_only_to_the_configured_dataset(root, tmp_path):
+    """Issue 15 item 7: params.yaml's PACS domains are not applied to another dataset's manifest."""
+    manifest = _ingest(root, tmp_path)  # dataset "toy", domains red_on_white and yellow_on_blue
+    p = P.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg, note = config_for(p, manifest)
+    assert cfg.domains is None and "not the configured 'pacs'" in note
+    report = validate_manifest(manifest, tmp_path / "reports", cfg, note=note)
+    assert report["success"] and "validated on its own" in summary(report)
+    same = P.load(Path(__file__).resolve().parents[1] / "params.yaml", ["dataset.name=toy"])
+    cfg, note = config_for(same, manifest)
+    assert cfg.domains == tuple(same.dataset.domains) and not note
+    assert not validate_manifest(manifest, tmp_path / "reports", cfg)["success"]  # PACS domains expected
+
+
+def test_cli_standalone_needs_the_suite_settings(root, tmp_path):
+    manifest = _ingest(root, tmp_path)
+    res = CliRunner().invoke(app, ["validate", str(manifest), "--params", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 1 and "--min-per-class" in res.output
 
 
 def test_nulls_labels_and_duplicate_paths_in_an_edited_manifest(root, tmp_path):
@@ -131,7 +150,7 @@ def test_nulls_labels_and_duplicate_paths_in_an_edited_manifest(root, tmp_path):
     rows[2]["path"] = rows[3]["path"]
     rows[4]["width"] = None
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), manifest)
-    failed = _failed(validate_manifest(manifest, tmp_path / "reports"))
+    failed = _failed(validate_manifest(manifest, tmp_path / "reports", CFG))
     assert failed["labels within 0..2"]["examples"][0]["path"] == rows[0]["path"]
     assert failed["label matches class"]["unexpected_count"] == 1
     assert failed["no nulls in sha256"]["examples"][0]["path"] == rows[1]["path"]

@@ -1,6 +1,11 @@
 from bne.norm.bgn import BatchGroupNorm2d
 from bne.norm.cbn import CrossIterationBatchNorm2d
-from bne.norm.dsbn import MEAN_DOMAIN, DomainBatchNorm2d, domain_norm_layers, domain_route
+from bne.norm.dsbn import (
+    MEAN_DOMAIN,
+    DomainBatchNorm2d,
+    domain_norm_layers,
+    domain_route,
+)
 from bne.norm.iebn import InstanceEnhancementBatchNorm2d
 from bne.norm.mbn import MemorizedBatchNorm2d, double_forward
 from bne.norm.proxynorm import ProxyNorm2d

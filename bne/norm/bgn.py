@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bne.norm.common import check_domain, copy_batchnorm_state, fit_groups, step_factor, update_running
+from bne.norm.common import (
+    check_domain,
+    copy_batchnorm_state,
+    fit_groups,
+    step_factor,
+    update_running,
+)
 from bne.norm.dsbn import MEAN_DOMAIN, DomainBatchNorm2d
 
 

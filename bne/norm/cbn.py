@@ -8,7 +8,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from bne.norm.common import as_float, check_domain, copy_batchnorm_state, scale_shift, step_factor, update_running
+from bne.norm.common import (
+    as_float,
+    check_domain,
+    copy_batchnorm_state,
+    scale_shift,
+    step_factor,
+    update_running,
+)
 from bne.norm.dsbn import DomainBatchNorm2d
 
 

@@ -10,8 +10,8 @@ it on the GPU machine). ``pack.json`` records the settings and sizes.
 packed ones, both resized to ``train.resolution`` as the cache stage does; the table gives the accuracies, their
 difference and the share of changed predictions, and goes to ``reports/bench/pack.json``.
 
-    python bench/pack_pacs.py --out gpu_data/pacs                 # the full copy (~35 MiB)
-    python bench/pack_pacs.py --out gpu_data/pacs --measure --limit 1000
+    python bench/gpu/pack_pacs.py --out gpu_data/pacs                 # the full copy (~35 MiB)
+    python bench/gpu/pack_pacs.py --out gpu_data/pacs --measure --limit 1000
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import io
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import Image
-from tqdm import tqdm
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's bne and tasks
 
-from bne.data import decode_image, load_folder_dataset
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from bne.data import decode_image, load_folder_dataset  # noqa: E402
 
 
 def encode(src: Path, size: int, quality: int) -> bytes:
@@ -96,36 +98,41 @@ def pack(source: Path, out: Path, size: int, quality: int, per_class: int | None
 
 
 def measure(packed: Path, params: Path, work: Path, limit: int | None, threads: int) -> dict:
-    """Accuracy of each fold's trained models on the original vs the re-encoded held-out images."""
+    """Accuracy of each fold's trained models (the pipeline's, under ``work``) on the original vs the re-encoded
+    held-out images."""
     import torch
 
     from bne.evaluate import accuracy, bne_inference, branch_chunk, plain_probs
-    from bne.lodo import FoldPaths, load_model, load_params, model_with_stats
+    from bne.model_io import load_model, model_with_stats
     from bne.train import pick_device
+    from tasks import params as P
+    from tasks.paths import FoldPaths
 
     torch.set_num_threads(threads)
-    cfg = load_params(params)
-    ds = load_folder_dataset(cfg.root, cfg.splits, cfg.val_fraction, seed=0)
-    device = pick_device(cfg.device)
-    opts, seed = cfg.eval.options, cfg.seeds[0]
+    p = P.load(params)
+    root = P.resolve(params.parent, p.dataset.root)
+    ds = load_folder_dataset(root, P.resolve(params.parent, p.dataset.splits), p.dataset.val_fraction, seed=0)
+    device = pick_device(p.train.device)
+    opts, seed, res, batch = p.eval.options.options(), p.train.seeds[0], p.train.resolution, p.eval.batch
+    chunk = branch_chunk(p.eval.branch_chunk, batch, device)
     rows = {}
-    for t in cfg.targets or ds.domains:
+    for t in p.dataset.folds:
         names = [d for d in ds.domains if d != t]
-        paths = FoldPaths(work, cfg.name, t)
-        model, kinds = model_with_stats(cfg, paths, names, seed, device)
-        deep = load_model(cfg, "deepall", names, paths.train(seed) / "deepall" / "model.pt", device)
+        paths = FoldPaths(work, p.dataset.name, t)
+        model, kinds = model_with_stats(p.model.spec(len(ds.classes), names), paths.train(seed, "bne") / "model.pt",
+                                        paths.stats, seed, device)
+        deep = load_model(p.model.spec(len(ds.classes)), paths.train(seed, "deepall") / "model.pt", device)
         samples = [s for s in ds.samples if s.domain == t]
         pick = np.random.default_rng(0).permutation(len(samples))[:limit] if limit else np.arange(len(samples))
         samples = [samples[i] for i in sorted(pick)]
         labels = torch.tensor([s.label for s in samples])
         res = {"images": len(samples)}
         preds = {}
-        for version, base, name in (("original", Path(cfg.root), lambda p: p), ("packed", packed / "images", renamed)):
+        for version, base, name in (("original", root, lambda rel: rel), ("packed", packed / "images", renamed)):
             with ThreadPoolExecutor(threads) as pool:
-                imgs = np.stack(list(pool.map(lambda s: decode_image(base / name(s.path), cfg.resolution), samples)))
-            bp, _ = bne_inference(model, imgs, kinds[opts.embedding], opts, cfg.eval.batch, device,
-                                  chunk=branch_chunk(cfg.eval.branch_chunk, cfg.eval.batch, device))
-            dp = plain_probs(deep, imgs, cfg.eval.batch, device)
+                imgs = np.stack(list(pool.map(lambda s: decode_image(base / name(s.path), res), samples)))
+            bp, _ = bne_inference(model, imgs, kinds[opts.embedding], opts, batch, device, chunk=chunk)
+            dp = plain_probs(deep, imgs, batch, device)
             res[version] = {"bne": accuracy(bp, labels), "deepall": accuracy(dp, labels)}
             preds[version] = (bp.argmax(1), dp.argmax(1))
         res["changed_predictions"] = {
@@ -133,7 +140,7 @@ def measure(packed: Path, params: Path, work: Path, limit: int | None, threads: 
         }
         rows[t] = res
         print(f"{t}: " + json.dumps(res))
-    return {"resolution": cfg.resolution, "seed": seed, "limit": limit, "folds": rows}
+    return {"resolution": res, "seed": seed, "limit": limit, "folds": rows}
 
 
 def main() -> None:

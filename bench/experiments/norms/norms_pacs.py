@@ -9,8 +9,8 @@ the params' cosine schedule with warm-up, freeze_stages, augmentation and seed, 
 ``--resolution`` px (default 96; decoded-array cache under data/bench-cache, as the other benchmarks).
 
 Only then is the held-out domain read: every image of it (``--eval-limit`` takes a seeded subset, for checks).
-DeepAll: its plain prediction. BNE: ``bne.evaluate.branch_outputs`` + ``method_accuracies`` with the default
-``InferenceOptions`` (running-statistics embedding from ``bne.stats.running_stats``, W2, inverse distance,
+DeepAll: its plain prediction. BNE: ``bne.evaluate.branch_outputs`` + ``method_accuracies`` with the params'
+``eval.options`` (the paper's: running-statistics embedding from ``bne.stats.running_stats``, W2, inverse distance,
 all layers). Training throughput is images/s of the training loop (augmentation, forward, backward, SGD step,
 MBN's double forward), from ``train``'s own epoch time.
 
@@ -21,10 +21,10 @@ trains again). Thread count and machine load are recorded with each result, not 
 reports/norms/metrics.json, metrics.md and metrics.png (accuracy and throughput against b, one line per layer),
 atomically, after every configuration, and prints the tables.
 
-    python bench/norms_pacs.py                      # full comparison (long: see --estimate)
-    python bench/norms_pacs.py --quick --threads 1  # a check: 2 norms x 1 batch x 60 images at 64 px,
-                                                    # 500 target images; then probes and estimates the full run
-    python bench/norms_pacs.py --estimate           # only the duration estimate of the selected settings
+    python bench/experiments/norms/norms_pacs.py                      # full comparison (long: see --estimate)
+    python bench/experiments/norms/norms_pacs.py --quick --threads 1  # a check: 2 norms x 1 batch x 60 images at
+                                                    # 64 px, 500 target images; then probes and estimates the full run
+    python bench/experiments/norms/norms_pacs.py --estimate           # only the duration estimate of the selected settings
 """
 
 from __future__ import annotations
@@ -35,28 +35,30 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/: the harness
 
-from bne.data import Augment, DomainArrays, build_cache, load_cache, load_folder_dataset, to_tensor
-from bne.embedding import InferenceOptions
-from bne.evaluate import accuracy, branch_outputs, method_accuracies, options_dict, plain_probs
-from bne.lodo import for_dataset, load_params
-from bne.model import NORMS, DGNet
-from bne.norm.mbn import double_forward
-from bne.stats import running_stats
-from bne.train import METHODS, _autocast, build_optimizer, config_hash, pick_device, seed_everything, spec_key, train
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import ROOT, loadavg, machine_info  # noqa: E402
+from bne.data import Augment, DomainArrays, build_cache, load_cache, load_folder_dataset, to_tensor  # noqa: E402
+from bne.embedding import InferenceOptions  # noqa: E402
+from bne.evaluate import accuracy, branch_outputs, method_accuracies, options_dict, plain_probs  # noqa: E402
+from bne.io import atomic_write  # noqa: E402
+from bne.model import NORMS, DGNet, ModelSpec  # noqa: E402
+from bne.stats import running_stats  # noqa: E402
+from bne.train import METHODS, TrainConfig, _autocast, build_optimizer, config_hash, pick_device, seed_everything, spec_key, train, train_step  # noqa: E402
+from tasks import params as P  # noqa: E402
 VERSION = 1  # of the protocol: part of every cache key
 FULL = {"norms": list(NORMS), "batches": [2, 4, 8, 16], "images": 3000, "resolution": 96, "eval_limit": 0}
 QUICK = {"norms": ["bn", "mbn"], "batches": [4], "images": 60, "resolution": 64, "eval_limit": 500}
@@ -66,35 +68,27 @@ OVERHEAD_S = 3.0  # per trained method in the estimate: model build, checkpoint,
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-    os.replace(tmp, path)
+class Config(NamedTuple):
+    """What the study reads from the params: the dataset, the model and recipe, the evaluation's batch and options."""
+
+    name: str
+    root: Path
+    splits: Path | None
+    val_fraction: float
+    seeds: list[int]
+    device: str
+    model: ModelSpec  # num_classes set from the data by ``Fold``
+    train: TrainConfig  # seed 0; every run replaces it
+    eval_batch: int
+    options: InferenceOptions
 
 
-def loadavg() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu or platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-    }
+def config(params: Path, overrides: list[str]) -> Config:
+    p = P.load(params, overrides)
+    base = Path(params).resolve().parent
+    return Config(p.dataset.name, P.resolve(base, p.dataset.root), P.resolve(base, p.dataset.splits), p.dataset.val_fraction,
+                  list(p.train.seeds), p.train.device, p.model.spec(num_classes=1), p.train.config(seed=0), p.eval.batch,
+                  p.eval.options.options())
 
 
 def budget_sources(sources: list[DomainArrays], steps: int, b: int, seed: int) -> list[DomainArrays]:
@@ -123,11 +117,11 @@ def fmt_s(s: float) -> str:
 class Fold:
     """The dataset, the sources' arrays and (lazily, only for evaluation) the held-out domain's."""
 
-    def __init__(self, cfg, cache_root: Path, target: str, resolution: int, eval_limit: int, seed: int) -> None:
+    def __init__(self, cfg: Config, cache_root: Path, target: str, resolution: int, eval_limit: int, seed: int) -> None:
         self.ds = load_folder_dataset(cfg.root, cfg.splits, cfg.val_fraction, seed=0)
         if target not in self.ds.domains:
             raise SystemExit(f"--target {target!r} is not a domain of {cfg.root} ({self.ds.domains})")
-        self.cfg = for_dataset(cfg, self.ds)
+        self.cfg = cfg._replace(model=replace(cfg.model, num_classes=len(self.ds.classes)))
         self.target, self.eval_limit, self.seed = target, eval_limit, seed
         self.cache = build_cache(self.ds, resolution, cache_root / cfg.name / str(resolution), progress=True)
         arrays = load_cache(self.ds, self.cache, skip=[target])  # the held-out domain's file is not opened
@@ -160,8 +154,8 @@ def run_key(fold: Fold, method: str, norm: str, b: int, images: int, resolution:
         "version": VERSION, "method": method, "norm": norm, "batch": b, "images": images, "resolution": resolution,
         "dataset": cfg.name, "target": fold.target, "target_id": fold.target_id, "eval_limit": fold.eval_limit,
         "sources": list(names), "source_fingerprints": [a.fingerprint for a in sources],
-        "spec": spec_key(spec), "train": asdict(tcfg), "eval_batch": cfg.eval.batch,
-        "options": options_dict(InferenceOptions()), "branch_stats": "running",
+        "spec": spec_key(spec), "train": asdict(tcfg), "eval_batch": cfg.eval_batch,
+        "options": options_dict(cfg.options), "branch_stats": "running",
     }
     return settings, config_hash(settings)
 
@@ -204,13 +198,13 @@ def run_method(fold: Fold, method: str, norm: str, b: int, images: int, resoluti
     with torch.no_grad(), _autocast(device):
         if method == "bne":
             out = branch_outputs(model, images_t, labels_t, {"running": running_stats(model.norm_layers())},
-                                 cfg.eval.batch, device, single_pass=False)
-            accs = method_accuracies(out, InferenceOptions())
+                                 cfg.eval_batch, device, single_pass=False)
+            accs = method_accuracies(out, cfg.options)
             extra = {k: round(100 * accs[k], 2) for k in ("uniform", "nearest", "oracle")}
             extra["mean_max_weight"] = round(accs["mean_max_weight"], 4)
             acc = accs["bne"]
         else:
-            acc, extra = accuracy(plain_probs(model, images_t, cfg.eval.batch, device), torch.as_tensor(labels_t)), {}
+            acc, extra = accuracy(plain_probs(model, images_t, cfg.eval_batch, device), torch.as_tensor(labels_t)), {}
     eval_s, eval_cpu = time.perf_counter() - t1, time.process_time() - c1
     result = {
         "acc": round(100 * acc, 2),
@@ -283,7 +277,7 @@ def markdown(results: dict, norms: list[str], batches: list[int], settings: dict
         "## Accuracy (%), BNE / DeepAll (BNE − DeepAll)\n\n",
         head,
         *[f"| {n} | " + " | ".join(cell(n, b, "", ".1f", True) for b in batches) + " |\n" for n in norms],
-        "\nBNE: default inference options (running-statistics embedding, W2, inverse distance, all layers)."
+        "\nBNE: the params' eval.options (the paper's: running-statistics embedding, W2, inverse distance, all layers)."
         + (" –: not measured yet." if any("–" in cell(n, b, "", ".1f") for n in norms for b in batches) else "")
         + "\n\n",
         "## Training throughput (images per CPU-second), BNE / DeepAll\n\n",
@@ -370,22 +364,13 @@ def probe_costs(fold: Fold, norms: list[str], batches: list[int], resolution: in
             model = DGNet(spec).to(device)
             opt = build_optimizer(model, tcfg)
             model.train()
-            s = len(fold.sources)
 
-            def step(b: int) -> None:
-                x = torch.cat([augment(a.images[np.sort(rng.choice(a.train, b))]) for a in fold.sources]).to(device)
-                y = torch.as_tensor(rng.integers(0, spec.num_classes, len(x))).to(device)
+            def step(b: int) -> None:  # bne.train.train_step on b augmented images of each source, random labels
+                minibatches = [(augment(a.images[np.sort(rng.choice(a.train, b))]).to(device),
+                                torch.as_tensor(rng.integers(0, spec.num_classes, b)).to(device)) for a in fold.sources]
                 for g in opt.param_groups:
                     g["lr"] = 0.1 * g["base_lr"]
-                with _autocast(device):
-                    logits = model(x, domains=list(range(s))) if method == "bne" else model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if norm == "mbn":
-                    with torch.no_grad(), _autocast(device):
-                        double_forward(model, x, domains=list(range(s)) if method == "bne" else None)
+                train_step(model, opt, minibatches, tcfg)
 
             step(pb[0])  # warm-up (and CBN's first memory)
             per_b = {}
@@ -401,9 +386,9 @@ def probe_costs(fold: Fold, norms: list[str], batches: list[int], resolution: in
             with torch.no_grad(), _autocast(device):
                 if method == "bne":
                     branch_outputs(model, eval_x, eval_y, {"running": running_stats(model.norm_layers())},
-                                   cfg.eval.batch, device, single_pass=False)
+                                   cfg.eval_batch, device, single_pass=False)
                 else:
-                    plain_probs(model, eval_x, cfg.eval.batch, device)
+                    plain_probs(model, eval_x, cfg.eval_batch, device)
             costs["eval_img_s"].setdefault(norm, {})[method] = len(eval_x) / (time.perf_counter() - t0)
     costs["probe_s"] = round(time.perf_counter() - t_all, 1)
     costs["loadavg_after"] = loadavg()
@@ -445,7 +430,7 @@ def variants(args, fold: Fold, costs: dict) -> list[tuple[str, float]]:
     """Estimated durations of the full run and of smaller variants (same threads, same machine load)."""
     burnin = fold.cfg.model.cbn_burnin
     full_n = len(fold.ds.of(fold.target))
-    base = f"python bench/norms_pacs.py --target {fold.target}"
+    base = f"python bench/experiments/norms/norms_pacs.py --target {fold.target}"
     norms, batches = FULL["norms"], FULL["batches"]
     smaller = [([2, 4, 16], 1500, 1500), ([2, 16], 2000, 2000), ([2, 16], 1500, 1500)]
     rows = [(base, estimate(costs, norms, batches, FULL["images"], full_n, burnin)["total_s"])]
@@ -489,7 +474,7 @@ def main() -> None:
     if min(batches) < 1 or images < 3 * max(batches):
         raise SystemExit(f"--images {images} must give at least one step of 3 x {max(batches)} and batches must be >= 1")
 
-    cfg = load_params(args.params, overrides=args.set)
+    cfg = config(Path(args.params), args.set)
     seed = cfg.seeds[0] if args.seed is None else args.seed
     device = pick_device(cfg.device)
     work = Path(args.cache) / "norms"
@@ -514,8 +499,8 @@ def main() -> None:
         "batches": batches, "images": images, "steps": {str(b): images // (3 * b) for b in batches},
         "resolution": resolution, "seed": seed, "eval_limit": eval_limit, "target_images": fold.target_n,
         "freeze_stages": cfg.train.freeze_stages, "warmup_frac": cfg.train.warmup_frac, "lr": cfg.train.lr,
-        "select": "last", "epochs": 1, "backbone": cfg.model.backbone, "eval_batch": cfg.eval.batch,
-        "inference_options": options_dict(InferenceOptions()), "branch_stats": "running", "accuracy_unit": "percent",
+        "select": "last", "epochs": 1, "backbone": cfg.model.backbone, "eval_batch": cfg.eval_batch,
+        "inference_options": options_dict(cfg.options), "branch_stats": "running", "accuracy_unit": "percent",
         "throughput": "training-loop images/s (augmentation, forward, backward, SGD step, MBN double forward)",
         "mode": "quick" if args.quick else "full", "cached_only": args.cached_only, "cache": str(fold.cache), "protocol_version": VERSION,
         "params": str(Path(args.params).resolve()), "overrides": args.set,
@@ -567,7 +552,7 @@ def main() -> None:
             print(f"  {fmt_s(s):>8}  {cmd}")
         if c["threads"] == 1 and (os.cpu_count() or 1) > 1:
             print(f"  (1 thread; with --threads {os.cpu_count()} on quiet cores the run is faster: measure with "
-                  f"`python bench/norms_pacs.py --estimate --threads {os.cpu_count()}` there, about 1 min)")
+                  f"`python bench/experiments/norms/norms_pacs.py --estimate --threads {os.cpu_count()}` there, about 1 min)")
     print(f"wrote {out} and {out.with_suffix('.md')} ({fmt_s(run_s)})")
 
 

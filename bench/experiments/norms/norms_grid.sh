@@ -6,15 +6,17 @@
 # the norms split so both take about as long; the default batch first, then b = 2, 8, 4, so an interrupted
 # run has whole columns. Every (norm, b, method) result is cached (data/bench-cache/norms/): rerunning this
 # script resumes. The last call only gathers the cached cells into reports/norms/metrics.{json,md}.
-#   nohup bash bench/norms_grid.sh > logs/norms_grid.log 2>&1 &
+#   nohup bash bench/experiments/norms/norms_grid.sh > logs/norms_grid.log 2>&1 &
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
 PY=${PY:-.venv/bin/python}
+SCRIPT=bench/experiments/norms/norms_pacs.py
 COMMON=(--target sketch --images 10848 --resolution 128 --threads 1)
+mkdir -p logs
 worker() {  # $1: log name, rest: norms
   local name=$1; shift
   for bs in 16 2 8 4; do
-    "$PY" bench/norms_pacs.py "${COMMON[@]}" --norms "$@" --batches "$bs" --out "data/bench-cache/norms-$name.json"
+    "$PY" "$SCRIPT" "${COMMON[@]}" --norms "$@" --batches "$bs" --out "data/bench-cache/norms-$name.json"
   done
 }
 worker a cbn bn bgn > logs/norms_grid_a.log 2>&1 &
@@ -22,4 +24,4 @@ pa=$!
 worker b mbn iebn proxynorm > logs/norms_grid_b.log 2>&1 &
 pb=$!
 wait $pa $pb
-"$PY" bench/norms_pacs.py "${COMMON[@]}" --batches 2 4 8 16
+"$PY" "$SCRIPT" "${COMMON[@]}" --batches 2 4 8 16

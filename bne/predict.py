@@ -1,4 +1,4 @@
-"""The model for use: BNE trained on every domain, prediction on new images, and new domains added as branches.
+"""The model for use: prediction on new images, and new domains added to a saved model as branches.
 
 A model folder holds ``model.pt`` (state dict, loaded with ``weights_only=True``), ``model.json`` (the network
 spec, classes, domains, resolution, inference options, the weights' SHA-256) and ``stats.parquet`` (every
@@ -8,8 +8,6 @@ domain's statistics, the embedding that places new images).
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -21,42 +19,49 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from bne.data import DomainArrays, FolderDataset, decode_image, to_tensor
+from bne.data import DomainArrays, decode_image, to_tensor
 from bne.embedding import InferenceOptions
-from bne.evaluate import accuracy, bne_inference, branch_chunk, options_dict, options_from_dict
-from bne.lodo import LodoConfig, _write_json, file_sha256, for_dataset
+from bne.evaluate import (
+    accuracy,
+    bne_inference,
+    branch_chunk,
+    options_from_dict,
+)
+from bne.io import atomic_torch_save, file_sha256, write_json, write_parquet
 from bne.model import DGNet, ModelSpec
-from bne.stats import population_stats, precise_running_stats, read_stats_table, running_stats, stats_table
-from bne.train import pick_device, train
+from bne.stats import (
+    population_stats,
+    precise_running_stats,
+    read_stats_table,
+    running_stats,
+    stats_table,
+)
+from bne.train import pick_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def _batches(arr: DomainArrays, rows: np.ndarray, batch: int):
+def batches(arr: DomainArrays, rows: np.ndarray, batch: int):
     for i in range(0, len(rows), batch):
         yield to_tensor(arr.images[np.sort(rows[i : i + batch])])
 
 
-def _write_stats(path: Path, tables: list[pa.Table], meta: dict) -> None:
-    table = pa.concat_tables(tables).replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def write_stats(path: Path, tables: list[pa.Table], meta: dict) -> None:
+    write_parquet(pa.concat_tables(tables).replace_schema_metadata(meta), path)
 
 
-def _save_model(model: DGNet, out: Path, info: dict) -> dict:
-    tmp = out / ".model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out / "model.pt")
+def save_model(model: DGNet, out: Path, info: dict) -> dict:
+    """``model.pt`` and ``model.json`` (``info`` + the weights' SHA-256 and the time), both atomic; returns the record."""
+    atomic_torch_save(model.state_dict(), out / "model.pt")
     info = {**info, "model_sha256": file_sha256(out / "model.pt"), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    _write_json(out / "model.json", info)
+    write_json(out / "model.json", info)
     return info
 
 
-def _stats_tables(model: DGNet, arrays: list[DomainArrays], names: list[str], dataset: str, batch: int, device, only: int | None = None) -> list[pa.Table]:
+def stats_tables(model: DGNet, arrays: list[DomainArrays], names: list[str], dataset: str, batch: int, device, only: int | None = None) -> list[pa.Table]:
     """Running, population and instance-average statistics; ``only``: just that domain index (a new branch)."""
     idx = range(len(arrays)) if only is None else [only]
-    pop, inst = population_stats(model, [(d, _batches(arrays[d], arrays[d].train, batch)) for d in idx], device, partial=only is not None)
+    pop, inst = population_stats(model, [(d, batches(arrays[d], arrays[d].train, batch)) for d in idx], device, partial=only is not None)
     run = running_stats(model.norm_layers())
     table = pa.table(stats_table([run, pop, inst], names, dataset=dataset, held_out="none"))
     if only is not None:
@@ -64,46 +69,10 @@ def _stats_tables(model: DGNet, arrays: list[DomainArrays], names: list[str], da
     return [table]
 
 
-def train_final(
-    cfg: LodoConfig, dataset: FolderDataset, arrays: dict[str, DomainArrays], out: Path | str,
-    log: Callable[[str], None] = print, progress: bool = True,
-) -> dict:
-    """BNE on every domain of the dataset (train lists; epoch chosen on the val lists), then its statistics."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = for_dataset(cfg, dataset)
-    device = pick_device(cfg.device)
-    sources = [arrays[d] for d in dataset.domains]
-    seed = cfg.seeds[0]
-    t0 = time.time()
-    res = train("bne", cfg.model, sources, replace(cfg.train, seed=seed), cfg.resolution, out / "checkpoints", device, progress, log=log)
-    model = res.model
-    if cfg.eval.branch_stats == "precise":
-        precise_running_stats(model, [(d, _batches(a, a.train, cfg.eval.batch)) for d, a in enumerate(sources)], device)
-    tables = _stats_tables(model, sources, dataset.domains, cfg.name, cfg.eval.batch, device)
-    info = {
-        "dataset": cfg.name,
-        "spec": asdict(model.spec),
-        "classes": dataset.classes,
-        "domains": dataset.domains,
-        "resolution": cfg.resolution,
-        "options": options_dict(cfg.eval.options),
-        "seed": seed,
-        "history": res.history,
-        "selected_epoch": res.selected_epoch,
-        "train_seconds": round(time.time() - t0, 1),
-    }
-    info = _save_model(model, out, info)
-    _write_stats(out / "stats.parquet", tables, {"dataset": cfg.name, "held_out": "none", "checkpoint_sha256": info["model_sha256"],
-                                                "norm": getattr(cfg.model, "norm", "bn"), "created_at": info["created_at"]})
-    log(f"final model on {dataset.domains}: {out / 'model.pt'} (epoch {res.selected_epoch}, {info['train_seconds']:.0f} s)")
-    return info
-
-
 class Predictor:
     """A saved model folder, ready to classify images and to say how much each source domain weighs."""
 
-    def __init__(self, model_dir: Path | str, device: torch.device | None = None, batch: int = 16) -> None:
+    def __init__(self, model_dir: Path | str, batch: int, device: torch.device | None = None) -> None:
         self.dir = Path(model_dir)
         for name in ("model.json", "model.pt", "stats.parquet"):
             if not (self.dir / name).is_file():
@@ -181,7 +150,7 @@ def add_domain(model: DGNet, name: str) -> None:
 
 
 def extend_with_domain(
-    model_dir: Path | str, arrays: DomainArrays, out: Path | str, log: Callable[[str], None] = print,
+    model_dir: Path | str, arrays: DomainArrays, out: Path | str, batch: int, log: Callable[[str], None] = print,
 ) -> dict:
     """Add ``arrays``' domain to a saved model as a new branch, the shared weights frozen.
 
@@ -189,7 +158,7 @@ def extend_with_domain(
     images, no gradient step). Measures BNE on the new domain's validation images before (an unseen domain,
     existing branches only) and after (with its own branch). Earlier branches stay bit-identical (checked).
     """
-    pred = Predictor(model_dir)
+    pred = Predictor(model_dir, batch)
     name = arrays.name
     if getattr(pred.model.spec, "norm", "bn") != "bn":
         raise ValueError(f"adding a domain branch is implemented for norm 'bn', not {pred.model.spec.norm!r}")
@@ -203,7 +172,7 @@ def extend_with_domain(
     old = {k: v.clone() for k, v in pred.model.state_dict().items()}
     s = pred.model.num_domains
     add_domain(pred.model, name)
-    precise_running_stats(pred.model, [(s, _batches(arrays, arrays.train, pred.batch))], pred.device)
+    precise_running_stats(pred.model, [(s, batches(arrays, arrays.train, pred.batch))], pred.device)
     new_state = pred.model.state_dict()
     for k, v in old.items():
         nv = new_state[k]
@@ -213,15 +182,15 @@ def extend_with_domain(
     tables = [pq.read_table(Path(model_dir) / "stats.parquet")]
     names = pred.domains
     stand_in = [arrays] * len(names)  # only the new index is read (``only``)
-    tables += _stats_tables(pred.model, stand_in, names, pred.info["dataset"], pred.batch, pred.device, only=s)
+    tables += stats_tables(pred.model, stand_in, names, pred.info["dataset"], pred.batch, pred.device, only=s)
     _, pred.embeddings, _ = _embeddings_from(tables)
     after_probs, after_w = pred.predict_arrays(val_x)
     after = accuracy(after_probs, torch.as_tensor(val_y))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    info = _save_model(pred.model, out, {**pred.info, "spec": asdict(pred.model.spec), "domains": names,
+    info = save_model(pred.model, out, {**pred.info, "spec": asdict(pred.model.spec), "domains": names,
                                          "extended_from": pred.info["model_sha256"], "added_domain": name})
-    _write_stats(out / "stats.parquet", tables, {"dataset": pred.info["dataset"], "held_out": "none",
+    write_stats(out / "stats.parquet", tables, {"dataset": pred.info["dataset"], "held_out": "none",
                                                  "checkpoint_sha256": info["model_sha256"], "norm": getattr(pred.model.spec, "norm", "bn"),
                                                  "created_at": info["created_at"], "added_domain": name})
     result = {
