@@ -24,7 +24,7 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
              enabled: bool = True, every: float | None = None) -> Iterator[T]:
     """Yield from ``iterable`` while reporting steps done, ``unit``/s (``items_per_step`` per step) and the ETA.
 
-    On a terminal: a tqdm bar. Otherwise (a log, ``dvc repro`` piped): one line on stderr after the first step,
+    On a terminal: a tqdm bar. Otherwise (a log, ``dvc repro`` piped): one line on stderr at the start,
     then at least every ``every`` seconds (default :data:`LOG_EVERY`), and one at the end.
     """
     if not enabled:
@@ -45,13 +45,16 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
         parts = [f"{desc}: {done}/{total if total is not None else '?'}", f"{rate:.1f} {unit}/s", f"elapsed {_duration(elapsed)}"]
         if not final and total and done:
             parts.append(f"ETA {_duration(elapsed / done * (total - done))}")
+        if done == 0:
+            parts = [f"{desc}: 0/{total if total is not None else '?'} {unit}, started"]
         print(", ".join(parts) + (" (done)" if final else ""), file=sys.stderr, flush=True)
 
+    line()
     for item in iterable:
         yield item
         done += 1
         now = time.monotonic()
-        if done == 1 or now - last >= every:
+        if now - last >= every:
             last = now
             line()
     line(final=True)
