@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -13,12 +14,21 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from bne.progress import progress as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: Pillow modes that convert to RGB without losing the picture (alpha is dropped, a palette expanded). 16-bit and
+#: floating-point modes (``I;16``, ``I``, ``F``) do not: ``convert("RGB")`` clips them to a white image.
+RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+#: The largest image accepted (width x height), read from the header before any decoding (ingest, cache, predict).
+MAX_PIXELS = 8192 * 8192
+#: JPEGs above this many pixels are decoded at a reduced scale (libjpeg's DCT scaling, ``Image.draft``), never in full.
+DRAFT_PIXELS = 4096 * 4096
+#: How the cache decodes: part of its key, so a change re-decodes every image.
+DECODE = "Pillow convert RGB, resize bilinear reducing_gap=None; JPEG draft above DRAFT_PIXELS"
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class Sample:
     cls: str
     label: int
     split: str  # train | val
+    sha256: str = field(default="", compare=False)  # the file's content as ingested ("" from a folder scan)
 
 
 @dataclass
@@ -55,8 +66,28 @@ def safe_relpath(root: Path, rel: str, where: str) -> str:
     return str(p)
 
 
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that are not UTF-8 (kept by ``os`` as surrogates) shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def name_problem(name: str) -> str:
+    """Why a file or folder name cannot go into the manifest as it is ("" when it can)."""
+    if printable(name) != name:
+        return "file name is not valid UTF-8"
+    if "\\" in name:
+        return "file name contains a backslash (a path separator on Windows)"
+    if any(ord(c) < 32 for c in name):
+        return "file name contains a control character"
+    return ""
+
+
 def scan_folder(root: Path) -> dict[str, dict[str, list[str]]]:
-    """``{domain: {class: [relative image paths]}}`` of a folder tree; hidden files are skipped."""
+    """``{domain: {class: [relative image paths]}}`` of a folder tree; hidden files are skipped.
+
+    A file whose name is not valid UTF-8 or holds a backslash is kept under its name as the OS gives it (ingest
+    records it as a row error, see :func:`name_problem`); such a domain or class folder is refused, naming it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
@@ -64,18 +95,29 @@ def scan_folder(root: Path) -> dict[str, dict[str, list[str]]]:
     for dom in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         classes = {}
         for cdir in sorted(p for p in dom.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for folder in (dom, cdir):
+                if name_problem(folder.name):
+                    raise ValueError(f"{printable(str(folder))}: {name_problem(folder.name).replace('file', 'folder')}; rename it")
             files = sorted(
                 f"{dom.name}/{cdir.name}/{f.name}"
                 for f in cdir.iterdir()
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
             )
-            classes[cdir.name] = [safe_relpath(root, f, str(root)) for f in files]
+            classes[cdir.name] = [_confined(root, f) if name_problem(f) else safe_relpath(root, f, str(root)) for f in files]
         if not any(classes.values()):
             raise ValueError(f"domain {dom.name!r} in {root} has no images")
         tree[dom.name] = classes
     if not tree:
         raise ValueError(f"no <domain>/<class>/<image> folders under {root}")
     return tree
+
+
+def _confined(root: Path, rel: str) -> str:
+    """``rel`` unchanged (an odd name, not normalised) once it resolves inside ``root``."""
+    resolved = (root / rel).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"{root}: {printable(rel)!r} resolves to {printable(str(resolved))}, outside the dataset root")
+    return rel
 
 
 def read_split_file(path: Path, root: Path, fixes: list[str], classes: Sequence[str] | None = None) -> list[str]:
@@ -161,40 +203,178 @@ def load_folder_dataset(
     return FolderDataset(root, domains, classes, samples, fixes)
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode an image to RGB and resize it to ``size`` x ``size`` (uint8 HWC). Errors name the file."""
+def check_pixels(width: int, height: int, where: str) -> None:
+    """Refuse an image above :data:`MAX_PIXELS` before it is decoded."""
+    if width * height > MAX_PIXELS:
+        head = f"{where}: " if where else ""
+        raise ValueError(f"{head}{width}x{height} = {width * height} pixels, above bne.data.MAX_PIXELS = {MAX_PIXELS}")
+
+
+def open_image(data: bytes, where: str) -> Image.Image:
+    """An image from its bytes, header read only; refused above :data:`MAX_PIXELS`; large JPEGs set to draft.
+
+    ``where`` names the file in errors. The caller closes it (``with``).
+    """
+    im = Image.open(io.BytesIO(data))
     try:
-        with Image.open(path) as im:
+        check_pixels(im.width, im.height, where)
+    except ValueError:
+        im.close()
+        raise
+    return im
+
+
+def decode_bytes(data: bytes, size: int, where: str) -> np.ndarray:
+    """Decode an image's bytes to RGB resized to ``size`` x ``size`` (uint8 HWC). Errors are one line naming ``where``.
+
+    Refused: a mode without a faithful RGB conversion (16-bit, float), more than :data:`MAX_PIXELS` pixels.
+    A JPEG above :data:`DRAFT_PIXELS` is decoded at the smallest DCT scale that still covers ``size``.
+    """
+    try:
+        with open_image(data, where) as im:
+            if im.mode not in RGB_MODES:
+                raise ValueError(f"mode {im.mode} (16-bit or floating-point) has no faithful RGB conversion; save it as 8-bit")
+            if im.format == "JPEG" and im.width * im.height > DRAFT_PIXELS:
+                im.draft(None, (size, size))
             im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # PIL raises many types; the caller needs the file name
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+        msg = str(e).removeprefix(f"{where}: ") if not isinstance(e, UnidentifiedImageError) else "not an image format Pillow reads"
+        if isinstance(e, Image.DecompressionBombError):  # Pillow's own limit (2 x its MAX_IMAGE_PIXELS), above ours
+            msg += f" (above bne.data.MAX_PIXELS = {MAX_PIXELS} too)"
+        raise ValueError(f"cannot decode image {where}: {msg}") from None
 
 
-def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers: int = 4, progress: bool = True) -> Path:
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode an image file to RGB and resize it to ``size`` x ``size`` (uint8 HWC). Errors name the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
+    return decode_bytes(data, size, str(path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _changed(where: str, recorded: str, actual: str) -> ValueError:
+    return ValueError(f"{where}: content changed since ingest (sha256 {recorded[:16]}... in the manifest, {actual[:16]}... on disk); "
+                      "rerun `bne ingest` and `bne validate`")
+
+
+def content_keys(dataset: FolderDataset, workers: int = 4, progress: bool = True, verify: bool = False) -> dict[str, list[str]]:
+    """``{domain: [sha256 per sample]}``: the manifest's; files are hashed where it has none, or all with ``verify``.
+
+    With ``verify`` a file whose content differs from the manifest's hash raises, naming it (the first few).
+    """
+    todo = [s for s in dataset.samples if verify or not s.sha256]
+    hashed: dict[str, str] = {}
+    if todo:
+        with ThreadPoolExecutor(workers) as pool:
+            it = pool.map(lambda s: _sha256(dataset.root / s.path), todo)
+            for s, h in zip(todo, progress_bar(it, total=len(todo), desc="hash sources", unit="img", enabled=progress)):
+                hashed[s.path] = h
+        bad = [(s, hashed[s.path]) for s in todo if s.sha256 and s.sha256 != hashed[s.path]]
+        if bad:
+            more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+            s, h = bad[0]
+            raise ValueError(str(_changed(str(dataset.root / s.path), s.sha256, h)) + more)
+    return {d: [hashed.get(s.path) or s.sha256 for s in dataset.of(d)] for d in dataset.domains}
+
+
+def read_index(index_file: Path) -> dict | None:
+    """A cache's ``index.json``, or None when missing or unreadable (the cache is then rebuilt)."""
+    try:
+        index = json.loads(Path(index_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def _old_rows(out_dir: Path, old: dict | None, size: int) -> dict[str, tuple[np.ndarray, int]]:
+    """``{sha256: (array, row)}`` of a previous cache with the same size and decoding (content-addressed reuse)."""
+    if not old or old.get("size") != size or old.get("decode") != DECODE or not isinstance(old.get("domains"), dict):
+        return {}
+    rows: dict[str, tuple[np.ndarray, int]] = {}
+    for d, entry in old["domains"].items():
+        f = out_dir / f"{d}.npy"
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), list) and f.is_file()):
+            continue
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except (OSError, ValueError):
+            continue
+        if arr.shape == (len(entry["sha256"]), size, size, 3) and arr.dtype == np.uint8:
+            for i, h in enumerate(entry["sha256"]):
+                rows.setdefault(h, (arr, i))
+    return rows
+
+
+def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers: int = 4, progress: bool = True,
+                verify: bool = False) -> Path:
     """Decode every image once into ``out_dir/<domain>.npy`` (N, size, size, 3) uint8, rows in sample order.
 
-    Written atomically; an existing complete cache with the same index is reused.
+    Content-addressed: ``index.json`` keys each row on the image's SHA-256 (the manifest's) and the decoding
+    (``size``, :data:`DECODE`). A row whose key is in the previous cache is copied from it, any other image is
+    decoded (and its bytes checked against the manifest's hash); a complete cache with the same index is reused
+    as it is. ``verify``: re-hash every source file first, refusing any that changed since ingest.
+    Written atomically: the old index goes before the first array is replaced and the new one comes last, so a killed
+    run leaves either the previous cache whole or no index (the next run decodes everything).
     """
     out_dir = Path(out_dir)
     index_file = out_dir / "index.json"
+    keys = content_keys(dataset, workers, progress, verify)
     index = {
         "size": size,
+        "decode": DECODE,
         "root": str(dataset.root),
-        "domains": {d: [s.path for s in dataset.of(d)] for d in dataset.domains},
+        "domains": {d: {"paths": [s.path for s in dataset.of(d)], "sha256": keys[d]} for d in dataset.domains},
     }
-    if index_file.is_file() and json.loads(index_file.read_text()) == index:
+    old = read_index(index_file)
+    if old == index and all((out_dir / f"{d}.npy").is_file() for d in dataset.domains):
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    reuse = _old_rows(out_dir, old, size)
+
+    def decode(i_path_sha):
+        _, path, sha = i_path_sha
+        data = (dataset.root / path).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha:
+            raise _changed(str(dataset.root / path), sha, actual)
+        return decode_bytes(data, size, str(dataset.root / path))
+
     with ThreadPoolExecutor(workers) as pool:
-        for dom, paths in index["domains"].items():
-            arr = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-            it = pool.map(lambda p: decode_image(dataset.root / p, size), paths)
-            for i, img in enumerate(progress_bar(it, total=len(paths), desc=f"cache {dom} @{size}px", unit="img", enabled=progress)):
+        for dom, entry in index["domains"].items():
+            same = old is not None and old.get("size") == size and old.get("decode") == DECODE \
+                and (old.get("domains") or {}).get(dom) == entry
+            if same and (out_dir / f"{dom}.npy").is_file():
+                try:
+                    ok = np.load(out_dir / f"{dom}.npy", mmap_mode="r").shape == (len(entry["sha256"]), size, size, 3)
+                except (OSError, ValueError):
+                    ok = False
+                if ok:
+                    continue
+            arr = np.empty((len(entry["paths"]), size, size, 3), dtype=np.uint8)
+            todo = []
+            for i, (path, sha) in enumerate(zip(entry["paths"], entry["sha256"])):
+                if sha in reuse:
+                    a, r = reuse[sha]
+                    arr[i] = a[r]
+                else:
+                    todo.append((i, path, sha))
+            it = pool.map(decode, todo)
+            for (i, _, _), img in zip(todo, progress_bar(it, total=len(todo), desc=f"cache {dom} @{size}px", unit="img", enabled=progress)):
                 arr[i] = img
             tmp = out_dir / f".{dom}.npy.tmp"
             with open(tmp, "wb") as f:
                 np.save(f, arr)
+            index_file.unlink(missing_ok=True)  # from the first array replaced until the new index: no index, no reuse
             os.replace(tmp, out_dir / f"{dom}.npy")
     tmp = out_dir / ".index.json.tmp"
     tmp.write_text(json.dumps(index))
@@ -226,9 +406,19 @@ def arrays_fingerprint(images: np.ndarray, labels: np.ndarray, train: np.ndarray
 def load_cache(dataset: FolderDataset, cache_dir: Path | str, skip: Sequence[str] = ()) -> dict[str, DomainArrays]:
     """Memory-mapped arrays of every domain; the ``skip`` domains' files are not opened (a held-out domain)."""
     cache_dir = Path(cache_dir)
+    index = read_index(cache_dir / "index.json")
+    if index is None or index.get("decode") != DECODE:
+        raise FileNotFoundError(f"{cache_dir / 'index.json'}: missing, unreadable or from an older cache format; "
+                                "rebuild the cache (`bne cache`)")
     out = {}
     for d in [d for d in dataset.domains if d not in skip]:
         samples = dataset.of(d)
+        entry = index["domains"].get(d) or {}
+        stale = next((s.path for s, p, h in zip(samples, entry.get("paths", []), entry.get("sha256", []))
+                      if s.path != p or (s.sha256 and s.sha256 != h)), None)
+        if stale or len(entry.get("paths", [])) != len(samples):
+            where = f" (first difference: {stale})" if stale else ""
+            raise ValueError(f"{cache_dir}: domain {d}'s cache holds other images than the manifest{where}; rebuild the cache (`bne cache`)")
         images = np.load(cache_dir / f"{d}.npy", mmap_mode="r")
         if images.shape[0] != len(samples):
             raise ValueError(f"{cache_dir / (d + '.npy')}: {images.shape[0]} rows for {len(samples)} samples; rebuild the cache")

@@ -4,7 +4,12 @@ Rows (in domain, class, path order): ``path`` (relative to the source, POSIX), `
 (0-based index into the class list), ``split`` (``train`` / ``val``), ``sha256``, ``bytes``, ``width``, ``height``,
 ``mode`` (as stored; null when the file does not decode), ``converted`` (e.g. ``"CMYK->RGB"``, empty when already
 RGB) and ``error`` (why the file does not decode, empty when it does). Bad images are recorded, not fatal: the
-validation stage fails on them, naming the file.
+validation stage fails on them, naming the file. So are odd files: a name that is not UTF-8 or holds a backslash
+(the row's path shows it printable), an image above ``bne.data.MAX_PIXELS`` (refused from its header, never
+decoded); a JPEG above ``bne.data.DRAFT_PIXELS`` is checked at 1/8 scale.
+
+After validation, :func:`dataset_from_manifest` is the one loader: it requires the validation record beside the
+copy (:func:`write_validation_record`: the copy's SHA-256) and re-checks the rows the stages rely on.
 
 Splits: with PACS-format split files, ``train``/``crossval`` lists give ``train``/``val`` (labels from the folder,
 duplicates dropped, files in neither list go to ``train``; each fix is recorded); without them a seeded stratified
@@ -20,22 +25,28 @@ ingest leaves the previous ones intact.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from bne.data import (
+    DRAFT_PIXELS,
+    MAX_PIXELS,
+    RGB_MODES,  # noqa: F401  (re-exported: validation checks the recorded modes against it)
     FolderDataset,
     Sample,
     load_folder_dataset,
+    name_problem,
+    open_image,
+    printable,
     read_split_file,
     safe_relpath,
     scan_folder,
@@ -46,8 +57,8 @@ MANIFEST = "manifest.parquet"
 REPORT = "ingest_report.json"
 SUMS = "SHA256SUMS"
 META_KEY = b"bne"
-# Pillow modes that convert to RGB without losing the picture (alpha is dropped, a palette expanded).
-RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+#: Beside a validated manifest (``<name>.validation.json``): its SHA-256 and what validation checked.
+RECORD_SUFFIX = ".validation.json"
 SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -78,20 +89,32 @@ class ImageFacts:
 
 
 def inspect_image(path: Path) -> ImageFacts:
-    """Hash a file and decode it fully (truncation shows only then); decode errors are returned, not raised."""
-    data = path.read_bytes()
+    """Hash a file and decode it fully (truncation shows only then); decode errors are returned, not raised.
+
+    An image above ``bne.data.MAX_PIXELS`` is refused from its header, never decoded; a JPEG above
+    ``bne.data.DRAFT_PIXELS`` is decoded at 1/8 scale (every byte of it is still read). Size and mode are the file's.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable (permissions, vanished): a row error naming the file, not an abort
+        return ImageFacts("", 0, None, None, None, "", f"cannot read the file: {e.strerror or e}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data, "") as im:
+            width, height, mode = im.width, im.height, im.mode
+            if im.format == "JPEG" and width * height > DRAFT_PIXELS:
+                im.draft(None, (max(1, width // 8), max(1, height // 8)))
             im.load()
-            converted = "" if im.mode == "RGB" else f"{im.mode}->RGB"
+            converted = "" if mode == "RGB" else f"{mode}->RGB"
             if converted:
                 im.convert("RGB")
-            return ImageFacts(digest, len(data), im.width, im.height, im.mode, converted, "")
+            return ImageFacts(digest, len(data), width, height, mode, converted, "")
     except UnidentifiedImageError:  # its message names an in-memory buffer
         error = "empty file" if not data else "not an image format Pillow reads"
     except Exception as e:  # Pillow raises many types; the manifest records which
         error = f"{type(e).__name__}: {e}"
+        if isinstance(e, DecompressionBombError):  # Pillow's own limit, above ours
+            error += f" (above bne.data.MAX_PIXELS = {MAX_PIXELS} too)"
     return ImageFacts(digest, len(data), None, None, None, "", error)
 
 
@@ -157,7 +180,7 @@ def _ignored_files(source: Path, taken: set[str]) -> list[str]:
         for name in sorted(filenames):
             rel = Path(dirpath, name).relative_to(source).as_posix()
             if not name.startswith(".") and rel not in taken and rel != SUMS:
-                out.append(rel)
+                out.append(printable(rel))
     return out
 
 
@@ -229,10 +252,7 @@ def ingest(
         "fixes": fixes,
         "checksums": checksums,
     }
-    rows = [
-        {"path": s.path, "domain": s.domain, "class": s.cls, "label": s.label, "split": s.split} | asdict(f)
-        for s, f in zip(ds.samples, facts)
-    ]
+    rows = [_row(s, f) for s, f in zip(ds.samples, facts)]
     report = meta | {
         "manifest": str(out_dir / MANIFEST),
         "images": len(rows),
@@ -243,16 +263,37 @@ def ingest(
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta)}))
     _atomic_write(out_dir / MANIFEST, lambda p: pq.write_table(table, p))
-    _atomic_write(out_dir / REPORT, lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
+    text = json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    _atomic_write(out_dir / REPORT, lambda p: p.write_bytes(text))
     return report
 
 
+def _row(s: Sample, f: ImageFacts) -> dict:
+    """A manifest row; a file name that cannot be used as it is (not UTF-8, a backslash) is a row error naming it."""
+    row = {"path": s.path, "domain": s.domain, "class": s.cls, "label": s.label, "split": s.split} | asdict(f)
+    problem = name_problem(s.path.rsplit("/", 1)[-1])
+    if problem:
+        row |= {"path": printable(s.path), "error": f"{problem}: rename the file"}
+    return row
+
+
 def read_manifest_meta(manifest: Path | str) -> dict:
-    """The dataset metadata stored in a manifest's schema."""
-    meta = pq.read_schema(manifest).metadata or {}
+    """The dataset metadata stored in a manifest's schema; a file that is not a manifest is one line naming it."""
+    try:
+        meta = pq.read_schema(manifest).metadata or {}
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors do not name the file
+        raise ValueError(f"{manifest}: not a Parquet manifest ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if META_KEY not in meta:
         raise ValueError(f"{manifest}: no 'bne' metadata; not a manifest written by `bne ingest`")
-    return json.loads(meta[META_KEY])
+    try:
+        out = json.loads(meta[META_KEY])
+    except ValueError:
+        raise ValueError(f"{manifest}: its 'bne' metadata is not valid JSON; rerun `bne ingest`") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{manifest}: its 'bne' metadata is not a mapping; rerun `bne ingest`")
+    return out
 
 
 def validated_path(manifest: Path | str) -> Path:
@@ -261,17 +302,139 @@ def validated_path(manifest: Path | str) -> Path:
     return manifest.with_name(f"{manifest.stem}.validated.parquet")
 
 
-def dataset_from_manifest(manifest: Path | str) -> FolderDataset:
-    """The samples of a (validated) manifest as a :class:`FolderDataset`, in manifest order.
+def record_path(manifest: Path | str) -> Path:
+    """The validation record beside a validated manifest: ``<name>.validation.json``."""
+    manifest = Path(manifest)
+    return manifest.with_name(manifest.name + RECORD_SUFFIX)
 
-    Refuses a manifest with undecodable rows: only what validation let through reaches the cache and training.
+
+def manifest_sha256(manifest: Path | str) -> str:
+    return hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+
+
+def write_validation_record(manifest: Path | str, record: dict) -> dict:
+    """After a validation that passed: the validated copy's SHA-256 and ``record`` (what was checked), atomically."""
+    manifest = Path(manifest)
+    rec = {"manifest": manifest.name, "sha256": manifest_sha256(manifest), **record}
+    text = json.dumps(rec, indent=1, sort_keys=True, ensure_ascii=False)
+    _atomic_write(record_path(manifest), lambda p: p.write_text(text, encoding="utf-8"))
+    return rec
+
+
+def read_validation_record(manifest: Path | str) -> dict:
+    """The validation record of ``manifest`` once the file's SHA-256 is the one validation recorded.
+
+    A manifest that never passed validation, or was edited after it, is refused with one line naming it.
     """
+    manifest = Path(manifest)
+    rec_file = record_path(manifest)
+    if not rec_file.is_file():
+        raise ValueError(f"{manifest}: no {rec_file.name} beside it, so not a manifest that passed `bne validate`; run the validate stage")
+    try:
+        rec = json.loads(rec_file.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ValueError(f"{rec_file}: not valid JSON; rerun the validate stage") from None
+    actual = manifest_sha256(manifest)
+    if not isinstance(rec, dict) or rec.get("sha256") != actual:
+        recorded = str(rec.get("sha256"))[:16] if isinstance(rec, dict) else "?"
+        raise ValueError(f"{manifest}: sha256 {actual[:16]}... is not the {recorded}... that validation recorded in "
+                         f"{rec_file.name}: edited after validation; rerun the validate stage")
+    return rec
+
+
+def path_problem(root: Path, rel: object, resolved_root: Path | None = None, folders: dict | None = None) -> str:
+    """Why ``rel`` is not a file inside ``root`` ("" when it is): not a normalised relative POSIX path, or a link out.
+
+    ``folders``: a cache of resolved folders shared across calls (each folder resolved once, then one ``lstat`` a file).
+    """
+    if not isinstance(rel, str) or not rel:
+        return "empty path"
+    p = PurePosixPath(rel)
+    if "\\" in rel or p.is_absolute() or ".." in p.parts or str(p) != rel:
+        return f"path {rel!r} is not a relative path inside the dataset root {root}"
+    resolved_root = resolved_root or Path(root).resolve()
+    folders = {} if folders is None else folders
+    parent = str(p.parent)
+    if parent not in folders:
+        folders[parent] = (Path(root) / parent).resolve()
+    resolved = folders[parent] / p.name
+    if resolved.is_symlink():
+        resolved = resolved.resolve()
+    if not resolved.is_relative_to(resolved_root):
+        return f"path {rel!r} resolves to {resolved}, outside the dataset root {root}"
+    return ""
+
+
+def manifest_problems(rows: list[dict], meta: dict) -> list[str]:
+    """What a stage relies on, re-checked row by row: paths inside the recorded root, ``<domain>/<class>/<file>``
+    matching the row, labels the class list's, known domains, classes and splits, no duplicate paths.
+
+    One message per problem, naming the row (its number and path).
+    """
+    classes, domains = meta.get("classes"), meta.get("domains")
+    for key, values in (("classes", classes), ("domains", domains)):
+        if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)):
+            return [f"metadata {key} {values!r} is not a list of distinct names"]
+    if not isinstance(meta.get("source"), str) or not meta["source"]:
+        return [f"metadata source {meta.get('source')!r} is not a folder"]
+    root = Path(meta["source"])
+    resolved_root = root.resolve()
+    label_of = {c: i for i, c in enumerate(classes)}
+    out, seen, present, folders = [], {}, set(), {}
+    for n, r in enumerate(rows):
+        where = f"row {n} ({r.get('path')!r})"
+        problem = path_problem(root, r.get("path"), resolved_root, folders)
+        if problem:
+            out.append(f"{where}: {problem}")
+            continue
+        dom, cls, label = r.get("domain"), r.get("class"), r.get("label")
+        if dom not in domains:
+            out.append(f"{where}: domain {dom!r} is not one of the manifest's domains {domains}")
+        if cls not in label_of:
+            out.append(f"{where}: class {cls!r} is not one of the manifest's classes {classes}")
+        elif label != label_of[cls]:
+            out.append(f"{where}: label {label!r}, but class {cls!r} is label {label_of[cls]} in the manifest's classes")
+        if r["path"].split("/")[:-1] != [dom, cls]:
+            out.append(f"{where}: path is not <domain>/<class>/<file> of its domain {dom!r} and class {cls!r}")
+        if r.get("split") not in ("train", "val", "test"):
+            out.append(f"{where}: split {r.get('split')!r} is not train, val or test")
+        if "sha256" in r and not (isinstance(r["sha256"], str) and len(r["sha256"]) == 64
+                                  and all(c in "0123456789abcdef" for c in r["sha256"])):
+            out.append(f"{where}: sha256 {r['sha256']!r} is not 64 hex digits")
+        if r["path"] in seen:
+            out.append(f"{where}: duplicate of row {seen[r['path']]}")
+        seen.setdefault(r["path"], n)
+        present.add(dom)
+    out += [f"domain {d!r} of the metadata has no rows" for d in domains if d not in present]
+    return out
+
+
+def dataset_from_manifest(manifest: Path | str, validated: bool = True) -> FolderDataset:
+    """The samples of a validated manifest as a :class:`FolderDataset`, in manifest order, each with its SHA-256.
+
+    The one loader of the stages after validation. ``validated``: the file must be the copy validation wrote (its
+    SHA-256 recorded beside it, :func:`read_validation_record`). Then, whatever the record says, what the stages
+    rely on is re-checked (:func:`manifest_problems`); undecodable rows are refused. Every refusal is one line
+    naming the manifest and the first rows at fault.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no such manifest")
+    if validated:
+        read_validation_record(manifest)
     meta = read_manifest_meta(manifest)
-    table = pq.read_table(manifest, columns=["path", "domain", "class", "label", "split", "error"]).to_pylist()
+    try:
+        table = pq.read_table(manifest, columns=["path", "domain", "class", "label", "split", "sha256", "error"]).to_pylist()
+    except Exception as e:  # noqa: BLE001 - a missing column, a torn file: name it
+        raise ValueError(f"{manifest}: not a readable manifest ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     bad = [r["path"] for r in table if r["error"]]
     if bad:
         raise ValueError(f"{manifest}: {len(bad)} image(s) do not decode, e.g. {bad[:3]}; run `bne validate` first")
-    samples = [Sample(r["path"], r["domain"], r["class"], int(r["label"]), r["split"]) for r in table]
+    problems = manifest_problems(table, meta)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{manifest}: {'; '.join(problems[:3])}{more}; rerun `bne ingest` and `bne validate`")
+    samples = [Sample(r["path"], r["domain"], r["class"], int(r["label"]), r["split"], r["sha256"]) for r in table]
     return FolderDataset(Path(meta["source"]), list(meta["domains"]), list(meta["classes"]), samples, list(meta.get("fixes", [])))
 
 

@@ -19,9 +19,19 @@ def load_model(spec: ModelSpec, path: Path | str, device: torch.device) -> DGNet
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a crafted or torn file: name it, no traceback
-        raise ValueError(f"{path}: not a loadable state dict ({type(e).__name__}: {str(e)[:200]})") from None
-    model.load_state_dict(state)
+        raise ValueError(f"{path}: not a loadable state dict ({_one_line(e)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - missing or unexpected keys, wrong shapes: one line
+        raise ValueError(f"{path}: weights do not fit the model in model.json ({_one_line(e)})") from None
     return model.to(device).eval()
+
+
+def _one_line(e: Exception, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def model_with_stats(spec: ModelSpec, model_path: Path | str, stats_path: Path | str, seed: int,

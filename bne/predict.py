@@ -7,7 +7,6 @@ domain's statistics, the embedding that places new images).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from bne.data import DomainArrays, decode_image, to_tensor
+from bne.data import IMAGE_SUFFIXES, DomainArrays, decode_image, to_tensor
 from bne.embedding import InferenceOptions
 from bne.evaluate import (
     accuracy,
@@ -27,8 +26,9 @@ from bne.evaluate import (
     branch_chunk,
     options_from_dict,
 )
-from bne.io import atomic_torch_save, file_sha256, write_json, write_parquet
+from bne.io import atomic_torch_save, file_sha256, read_json, write_json, write_parquet
 from bne.model import DGNet, ModelSpec
+from bne.model_io import load_model
 from bne.stats import (
     population_stats,
     precise_running_stats,
@@ -38,7 +38,8 @@ from bne.stats import (
 )
 from bne.train import pick_device
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: Files decoded and predicted at a time: memory stays bounded whatever the size of the folder.
+CHUNK = 256
 
 
 def batches(arr: DomainArrays, rows: np.ndarray, batch: int):
@@ -77,13 +78,14 @@ class Predictor:
         for name in ("model.json", "model.pt", "stats.parquet"):
             if not (self.dir / name).is_file():
                 raise FileNotFoundError(f"{self.dir / name}: missing; train the final model first (`dvc repro final`)")
-        self.info = json.loads((self.dir / "model.json").read_text())
-        spec = self.info["spec"]
-        spec = ModelSpec(**{**spec, "domains": tuple(spec["domains"]), "weights": "none"})  # the weights come from model.pt
+        self.info = read_json(self.dir / "model.json", "model description")
+        try:
+            spec = self.info["spec"]
+            spec = ModelSpec(**{**spec, "domains": tuple(spec["domains"]), "weights": "none"})  # the weights come from model.pt
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{self.dir / 'model.json'}: not a model description ({type(e).__name__}: {e})") from None
         self.device = device or pick_device()
-        self.model = DGNet(spec)
-        self.model.load_state_dict(torch.load(self.dir / "model.pt", map_location="cpu", weights_only=True))
-        self.model.to(self.device).eval()
+        self.model = load_model(spec, self.dir / "model.pt", self.device)  # weights_only; a crafted file is one line
         _, self.embeddings, domains = read_stats_table(str(self.dir / "stats.parquet"))
         if domains != list(spec.domains):
             raise ValueError(f"{self.dir}/stats.parquet: domains {domains} differ from the model's {list(spec.domains)}")
@@ -103,17 +105,23 @@ class Predictor:
         return bne_inference(self.model, images, self.embeddings[self.options.embedding], self.options, self.batch, self.device,
                              chunk=branch_chunk("auto", self.batch, self.device))
 
-    def predict_files(self, files: list[Path]) -> tuple[list[dict], list[dict]]:
-        """Per decodable file: class, probability, weight per domain; and the files that did not decode."""
-        images, kept, errors = [], [], []
-        for f in files:
-            try:
-                images.append(decode_image(f, self.info["resolution"]))
-                kept.append(f)
-            except ValueError as e:
-                errors.append({"file": str(f), "error": str(e)})
-        rows = []
-        if images:
+    def predict_files(self, files: list[Path], chunk: int = CHUNK) -> tuple[list[dict], list[dict]]:
+        """Per decodable file: class, probability, weight per domain; and the files that did not decode.
+
+        Files are decoded ``chunk`` at a time (the ingest rules: 16-bit and float modes and images above
+        ``bne.data.MAX_PIXELS`` are refused with the reason), so a folder is never held in memory at once.
+        """
+        rows, errors = [], []
+        for start in range(0, len(files), chunk):
+            images, kept = [], []
+            for f in files[start : start + chunk]:
+                try:
+                    images.append(decode_image(f, self.info["resolution"]))
+                    kept.append(f)
+                except ValueError as e:
+                    errors.append({"file": str(f), "error": str(e)})
+            if not images:
+                continue
             probs, weights = self.predict_arrays(np.stack(images))
             for i, f in enumerate(kept):
                 k = int(probs[i].argmax())

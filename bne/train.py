@@ -1,7 +1,14 @@
-"""Training of DeepAll (ERM) and BNE by the same loop and budget, with resumable per-epoch checkpoints."""
+"""Training of DeepAll (ERM) and BNE by the same loop and budget, with resumable per-epoch checkpoints.
+
+One process, or data-parallel under ``torchrun`` (:func:`init_distributed`; DistributedDataParallel, gloo on CPU,
+NCCL on CUDA): every rank takes a contiguous share of every domain's sub-batch of the step, the normalization
+layers pool their batch statistics over the ranks (:mod:`bne.norm.dsbn`), and rank 0 alone writes checkpoints and
+logs. With one process the code path is the single-process one, operation for operation.
+"""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -14,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from bne.augment import BatchAugment
 from bne.data import Augment, AugmentConfig, DomainArrays, domain_batches, to_tensor
@@ -26,6 +35,7 @@ from bne.embedding import (
     per_layer_distances,
 )
 from bne.model import DGNet, ModelSpec, classifier, stages
+from bne.norm.dsbn import convert_sync_batchnorm, distributed_refusal, world_size
 from bne.norm.mbn import double_forward
 from bne.progress import progress as report_progress
 from bne.stats import InstanceRecorder
@@ -69,6 +79,46 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """This process's training device; under ``torchrun`` with several processes, join the process group first.
+
+    ``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and the rendezvous address. On CUDA each process takes
+    ``cuda:LOCAL_RANK`` and NCCL; on CPU, gloo. Without ``torchrun`` (or with one process) it is :func:`pick_device`.
+    """
+    dev = pick_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
+    return dev
+
+
+def _leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def _rank_seed(*parts: int) -> int:
+    """A seed for one rank's step (dropout, drop-connect): distinct per rank, reproducible on resume."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") % 2**63
+
+
+def _broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (its tensors on the CPU)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -176,12 +226,29 @@ def build_optimizer(model: DGNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def distribute(model: DGNet, device: torch.device) -> DistributedDataParallel:
+    """``model`` (its optimizer built) for a step on several processes: DistributedDataParallel around it.
+
+    Refuses normalization layers that do not synchronize their statistics (a ValueError naming the layer); an
+    ordinary network's BatchNorm2d (DeepAll) become :class:`bne.norm.dsbn.SyncBatchNorm2d` sharing their parameters
+    and buffers, so the optimizer's parameters are unchanged. Buffers are not broadcast: the running statistics
+    are equal on every rank by construction. Step through the returned wrapper (:func:`train_step`).
+    """
+    unsynced = [layer for layer in model.norm_layers() if not layer.distributed_sync]
+    if unsynced:
+        raise ValueError(f"model.norm {model.spec.norm!r} under {world_size()} processes: {distributed_refusal(unsynced[0])}")
+    convert_sync_batchnorm(model)
+    # parameters in the layout of their gradients (the input is channels_last on every device): DDP's buckets follow it
+    model.to(memory_format=torch.channels_last)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def train_step(
-    model: DGNet,
+    model: DGNet | DistributedDataParallel,
     opt: torch.optim.Optimizer,
     minibatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
@@ -196,42 +263,57 @@ def train_step(
     when that weight is not 0. Then backward, ``opt.step()`` (at the learning rates the caller set), and, with
     ``norm: mbn``, Memorized BN's double forward of the same batch with the updated weights. bfloat16 autocast on
     CUDA. Returns the loss, detached, on the device: nothing is read back to the host (no sync per step).
+
+    ``model`` may be a DistributedDataParallel of the network (several processes): the minibatches are then this
+    rank's shares, the forward goes through the wrapper (gradients averaged over the ranks) and the returned loss
+    is this rank's mean.
     """
-    domain_specific = model.num_domains > 0
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    domain_specific = net.num_domains > 0
     s = len(minibatches)
-    if domain_specific and s != model.num_domains:
-        raise ValueError(f"{s} minibatch(es) for a network of {model.num_domains} domain branches {list(model.spec.domains)}")
+    if domain_specific and s != net.num_domains:
+        raise ValueError(f"{s} minibatch(es) for a network of {net.num_domains} domain branches {list(net.spec.domains)}")
     x = torch.cat([xb for xb, _ in minibatches])
     y = torch.cat([yb for _, yb in minibatches])
     domains = list(range(s)) if domain_specific else None
     with _autocast(x.device):
         logits = model(x, domains=domains) if domain_specific else model(x)
-        loss = F.cross_entropy(logits.float(), y)  # mean over all S x b images, both methods
+        # mean over all S x b images, both methods; at least float32 (float64 stays float64, for exactness tests)
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         if domain_specific and cfg.ensemble_loss:
-            loss = loss + cfg.ensemble_loss * ensemble_loss(model, x, y, ensemble_options, cfg.ensemble_own_out)
+            loss = loss + cfg.ensemble_loss * ensemble_loss(net, x, y, ensemble_options, cfg.ensemble_own_out)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    if model.spec.norm == "mbn":  # Memorized BN's Double-Forward: re-memorise this batch's statistics with the new weights
+    if net.spec.norm == "mbn":  # Memorized BN's Double-Forward: re-memorise this batch's statistics with the new weights
         with torch.no_grad(), _autocast(x.device):
-            double_forward(model, x, domains=domains)
+            double_forward(net, x, domains=domains)
     return loss.detach()
 
 
 @torch.no_grad()
 def source_val_accuracy(model: DGNet, sources: list[DomainArrays], batch: int, device: torch.device) -> float:
-    """Accuracy on the sources' validation rows: BNE uses each image's own-domain branch."""
+    """Accuracy on the sources' validation rows: BNE uses each image's own-domain branch.
+
+    Several processes: each rank evaluates a contiguous share of every domain's rows and the counts are summed.
+    """
     model.eval()
     correct = total = 0
+    world = world_size()
     for d, arr in enumerate(sources):
-        for i in range(0, len(arr.val), batch):
-            rows = arr.val[i : i + batch]
+        val = arr.val if world == 1 else np.array_split(arr.val, world)[rank()]
+        for i in range(0, len(val), batch):
+            rows = val[i : i + batch]
             x = to_tensor(arr.images[np.sort(rows)]).to(device)
             y = torch.as_tensor(arr.labels[np.sort(rows)], device=device)
             with _autocast(device):
                 logits = model(x, domains=d) if model.num_domains else model(x)
             correct += int((logits.argmax(1) == y).sum())
             total += len(rows)
+    if world > 1:
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        correct, total = int(counts[0]), int(counts[1])
     return correct / max(1, total)
 
 
@@ -262,12 +344,31 @@ def train(
     through an ordinary network. Both minimise the mean cross-entropy over all images of the step.
     ``progress``: a bar on a terminal, else a log line at least every 30 s (:mod:`bne.progress`).
     ``on_epoch(epoch, source_val_acc)`` is called after each epoch's checkpoint (a tuner may raise there to prune).
+
+    Several processes (the default process group initialized, e.g. by :func:`init_distributed` under ``torchrun``):
+    the model is wrapped in DistributedDataParallel and every rank takes the contiguous share ``rank`` of each
+    domain's ``per_domain_batch`` rows (which must divide by the world size), augmented as one process would
+    augment the whole step (the same seeded stream on every rank) before slicing, so the ranks together see the
+    single-process step's images. The normalization layers pool their statistics over the ranks (DeepAll's
+    BatchNorm2d become :class:`bne.norm.dsbn.SyncBatchNorm2d`; layers that cannot, refuse). Rank 0 alone reads
+    and writes ``out_dir`` and logs; ``last.pt`` records the world size and resuming an unfinished run with another one is refused.
+    Every rank returns the same selected model.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    world, me = world_size(), rank()
+    if world > 1:
+        if cfg.per_domain_batch % world:
+            raise ValueError(
+                f"train.per_domain_batch {cfg.per_domain_batch} does not divide over {world} processes: each process takes an "
+                f"equal share of every domain's sub-batch; use a multiple of {world} or another number of processes"
+            )
+        if me != 0:  # rank 0 alone logs
+            progress, log = False, (lambda m: None)
     device = device or pick_device()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if me == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     names = tuple(a.name for a in sources)
     spec = ModelSpec(**{**asdict(spec), "domains": names if method == "bne" else ()})
     key = config_hash(method, spec_key(spec), train_key(cfg, method), resolution, names, [a.fingerprint or len(a.train) for a in sources])
@@ -277,6 +378,7 @@ def train(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg)
+    step_model = distribute(model, device) if world > 1 else model
     s, b = len(sources), cfg.per_domain_batch
     steps = sum(len(a.train) for a in sources) // (s * b)
     if steps < 1:
@@ -288,9 +390,19 @@ def train(
     history: list[dict] = []
     start = 0
     ckpt = out_dir / "last.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    state = None
+    if me == 0 and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device if world == 1 else "cpu", weights_only=True)
+    if world > 1:  # rank 0's checkpoint: the other ranks' machines need not see out_dir
+        state = _broadcast_object(state)
+    if state is not None:
         if state["key"] == key:
+            saved_world = int(state.get("world_size", 1))
+            if saved_world != world and int(state["epoch"]) + 1 < cfg.epochs:  # a finished run loads on any number
+                raise ValueError(
+                    f"{ckpt} was written by a run on {saved_world} process(es) and this run has {world}: resume it with "
+                    f"{saved_world} process(es) (torchrun --nproc-per-node/--nnodes), or delete {ckpt} to start over"
+                )
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             history = json.loads(state["history"])
@@ -299,13 +411,15 @@ def train(
             log(f"{method}: resuming from {ckpt} after epoch {start}")
         else:
             log(f"{method}: {ckpt} was made with other settings; training from scratch")
-    if start == 0:
+    del state
+    if start == 0 and me == 0:
         (out_dir / "best.pt").unlink(missing_ok=True)
+    lo, hi = me * b // world, (me + 1) * b // world  # this rank's share of each domain's rows
 
     for epoch in range(start, cfg.epochs):
         seed_everything(cfg.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
+        step_model.train()
         t_epoch = time.time()
         running = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no .item() per step
         batches = report_progress(
@@ -325,32 +439,56 @@ def train(
             else:
                 xs = [augment(a.images[r]) for a, r in zip(sources, rows)]
             minibatches = [(x, torch.as_tensor(a.labels[r]).to(device)) for x, a, r in zip(xs, sources, rows)]
-            running += train_step(model, opt, minibatches, cfg)
+            if world == 1:
+                running += train_step(model, opt, minibatches, cfg)
+                continue
+            # this rank's share; its own random stream inside the step (dropout), the shared one kept for augmentation
+            minibatches = [(x[lo:hi], y[lo:hi]) for x, y in minibatches]
+            with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+                torch.manual_seed(_rank_seed(cfg.seed, epoch, i, me))
+                running += train_step(step_model, opt, minibatches, cfg)
+        if world > 1:
+            dist.all_reduce(running)  # the ranks' mean losses: equal shares, so their mean is the step's
+            running /= world
         running = float(running)
         val = source_val_accuracy(model, sources, cfg.eval_batch, device)
         history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val, "seconds": round(time.time() - t_epoch, 1)})
         log(f"{method} epoch {epoch + 1}/{cfg.epochs}: loss {running / steps:.4f}, source-val acc {val:.4f}")
-        if cfg.select == "best" and val >= max(h["source_val_acc"] for h in history):
-            atomic_save(model.state_dict(), out_dir / "best.pt")
-        atomic_save(
-            {
+        if me == 0:
+            if cfg.select == "best" and val >= max(h["source_val_acc"] for h in history):
+                atomic_save(model.state_dict(), out_dir / "best.pt")
+            checkpoint = {
                 "key": key,
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "history": json.dumps(history),
                 "torch_rng": torch.get_rng_state(),
-            },
-            ckpt,
-        )
+            }
+            if world > 1:
+                checkpoint["world_size"] = world  # a resume needs the same number of processes
+            atomic_save(checkpoint, ckpt)
+        if world > 1:
+            dist.barrier()  # the checkpoint exists before any rank goes on (or is killed)
         if on_epoch is not None:
             on_epoch(epoch + 1, val)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
 
+    del step_model  # DistributedDataParallel's gradient hooks go with it
     selected = len(history)
-    if cfg.select == "best" and history and (out_dir / "best.pt").is_file():
+    has_best = cfg.select == "best" and history and me == 0 and (out_dir / "best.pt").is_file()
+    if world > 1:
+        has_best = _broadcast_object(has_best)
+    if has_best:
         selected = max(history, key=lambda h: h["source_val_acc"])["epoch"]
-        model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device, weights_only=True))
+        if me == 0:
+            model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device, weights_only=True))
+        if world > 1:  # rank 0's selected weights on every rank
+            for t in model.state_dict().values():
+                buf = t.contiguous()
+                dist.broadcast(buf, 0)
+                if buf is not t:
+                    t.copy_(buf)
     model.eval()
     return TrainResult(model, history, selected)

@@ -93,7 +93,7 @@ def validate(
 
     if manifest is None:
         module, p, layout = _stage("validate", params, set_, root)
-        report = _run(lambda: module.run(p, layout, root / "reports"))
+        report = _run(lambda: module.run(p, layout, root / "reports", params.parent))
     else:
         if params.is_file():
             _, p, _ = _stage("validate", params, set_, root)
@@ -113,12 +113,16 @@ def cache(
     manifest: Path = typer.Argument(None, help="a validated manifest; default: the pipeline's (data/validated/<dataset>)"),
     out: Path = typer.Option(None, help="with MANIFEST: folder for <domain>.npy (uint8, N x size x size x 3) and index.json"),
     size: int = typer.Option(None, help="with MANIFEST: side in pixels (default: train.resolution of the params file)"),
+    verify: bool = typer.Option(False, "--verify", help="re-hash every source image first; one that changed since ingest is refused"),
     params: Path = PARAMS, set_: list[str] = SET, root: Path = ROOT, progress: bool = PROGRESS,
 ) -> None:
-    """Stage cache: decode every image of the validated manifest once into memory-mappable per-domain arrays."""
+    """Stage cache: decode every image of the validated manifest once into memory-mappable per-domain arrays.
+
+    Content-addressed: an image is decoded again when its SHA-256 (from the manifest) or the size changes.
+    """
     if manifest is None:
         module, p, layout = _stage("cache", params, set_, root)
-        typer.echo(_run(lambda: module.run(p, layout, progress)))
+        typer.echo(_run(lambda: module.run(p, layout, progress, verify=verify)))
         return
     from bne.data import build_cache
     from bne.ingest import dataset_from_manifest
@@ -130,8 +134,8 @@ def cache(
         _, p, _ = _stage("cache", params, set_, root)
         size = p.train.resolution
     ds = _run(lambda: dataset_from_manifest(manifest))
-    _run(lambda: build_cache(ds, size, out, WORKERS, progress))
-    typer.echo(f"{out}: {len(ds.samples)} images of {len(ds.domains)} domains at {size}x{size}")
+    _run(lambda: build_cache(ds, size, out, WORKERS, progress, verify=verify))
+    typer.echo(f"{out}: {len(ds.samples)} images of {len(ds.domains)} domains at {size}x{size}" + ("; every source re-hashed" if verify else ""))
 
 
 @app.command()
@@ -219,7 +223,11 @@ def predict(
     json_: Path = typer.Option(None, "--json", help="also write the predictions as JSON to this file"),
     csv: Path = typer.Option(None, help="also write the predictions as CSV to this file"),
 ) -> None:
-    """Class, probability and the weight of each source domain, per image; undecodable images are named and skipped."""
+    """Class, probability and the weight of each source domain, per image; undecodable images are named and skipped.
+
+    Images are decoded with the ingest rules (16-bit and float modes, more than bne.data.MAX_PIXELS pixels: refused
+    with the reason) and predicted in batches. Nothing predicted: exit 1, no output file.
+    """
     import json
 
     from rich.console import Console
@@ -244,14 +252,16 @@ def predict(
         rows, errors = pred.predict_files(files)
     except (ValueError, OSError) as e:
         _fail(e)
+    for e in errors:
+        typer.echo(f"skipped {e['file']}: {e['error']}", err=True)
+    if not rows:  # no table, no header-only CSV: one line and exit 1
+        _fail(ValueError(f"nothing predicted: none of the {len(errors)} file(s) decoded (each named above)"))
     table = Table(title=f"{len(rows)} image(s), model {pred.dir} (domains {', '.join(pred.domains)})")
     for col in ("file", "class", "probability", *[f"w_{d}" for d in pred.domains]):
         table.add_column(col, justify="left" if col in ("file", "class") else "right")
     for r in rows:
         table.add_row(*[str(v) for v in r.values()])
     Console().print(table)
-    for e in errors:
-        typer.echo(f"skipped {e['file']}: {e['error']}", err=True)
     if json_:
         atomic_write(json_, json.dumps({"model": str(pred.dir), "predictions": rows, "skipped": errors}, indent=2))
     if csv:
@@ -259,8 +269,6 @@ def predict(
 
         columns = ["file", "class", "probability", *[f"w_{d}" for d in pred.domains]]
         atomic_write(csv, pd.DataFrame(rows, columns=columns).to_csv(index=False))
-    if errors and not rows:
-        raise typer.Exit(1)
 
 
 @stats_app.command("show")

@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from bne.data import DomainArrays, FolderDataset, load_cache, to_tensor
-from bne.ingest import dataset_from_manifest
-from tasks.paths import Layout
+from bne.ingest import dataset_from_manifest, read_validation_record
+from tasks.paths import Layout, resolve
 
 
-def validated_dataset(layout: Layout) -> FolderDataset:
-    """The samples of the validated manifest; training never starts from an unvalidated folder scan."""
-    if not layout.manifest.is_file():
-        raise FileNotFoundError(f"{layout.manifest}: no validated manifest; run the ingest and validate stages first (dvc repro validate)")
-    return dataset_from_manifest(layout.manifest)
+def validated_dataset(layout: Layout, dataset_root: str | None = None) -> FolderDataset:
+    """The samples of the validated manifest, the one way the stages after validation open it.
+
+    Refused, in one line naming the file: no validated copy; a copy whose SHA-256 is not the one validation
+    recorded (edited after validation); a copy validated without the configured ``dataset.root`` check, or of
+    another dataset; and, re-checked on every open, rows that leave the recorded root (``..``, absolute paths,
+    links), labels that are not their class's, unknown domains or classes, duplicate rows. ``dataset_root``
+    (the stage's ``dataset.root``, relative to the working or the project folder): the root validation checked.
+    """
+    manifest = layout.manifest
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no validated manifest; run the ingest and validate stages first (dvc repro validate)")
+    record = read_validation_record(manifest)
+    if record.get("dataset") != layout.dataset:
+        raise ValueError(f"{manifest}: a manifest of dataset {record.get('dataset')!r}, not {layout.dataset!r}; rerun ingest and validate")
+    if not record.get("dataset_root"):
+        raise ValueError(f"{manifest}: validated without checking its source against dataset.root; rerun the validate stage")
+    if dataset_root is not None:
+        checked = Path(record["dataset_root"]).resolve()
+        if all(resolve(base, dataset_root).resolve() != checked for base in (Path("."), layout.root)):
+            raise ValueError(f"{manifest}: validated for dataset.root {record['dataset_root']}, but dataset.root is now "
+                             f"{dataset_root!r}; rerun the ingest and validate stages")
+    dataset = dataset_from_manifest(manifest)
+    if dataset.root.resolve() != Path(record["dataset_root"]).resolve():
+        raise ValueError(f"{manifest}: its source {dataset.root} is not the dataset.root {record['dataset_root']} validation checked; "
+                         "rerun the ingest and validate stages")
+    return dataset
 
 
 def fold_data(layout: Layout, resolution: int, held_out: str | None = None) -> tuple[FolderDataset, dict[str, DomainArrays]]:
@@ -48,4 +72,3 @@ def source_batches(arr: DomainArrays, rows, batch: int):
     rows = np.asarray(rows)
     for i in range(0, len(rows), batch):
         yield to_tensor(arr.images[rows[i : i + batch]])
-

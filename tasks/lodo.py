@@ -26,7 +26,7 @@ def run_lodo(p: Params, root: Path | str, base: Path | str, progress: bool = Tru
         return view
 
     log(ingest.summary(ingest.run(scoped(ingest), layout, base, progress)))
-    checked = validate.run(scoped(validate), layout, root / "reports")
+    checked = validate.run(scoped(validate), layout, root / "reports", base)
     if not checked["success"]:
         raise ValueError(validate.summary(checked))
     log(cache.run(scoped(cache), layout, progress))

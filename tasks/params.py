@@ -257,7 +257,7 @@ def _describe(e: ValidationError, source: str) -> str:
         if kind == "missing":
             lines.append(f"{key}: missing")
         elif kind == "extra_forbidden":
-            lines.append(f"{key} = {value!r}: unknown parameter")
+            lines.append(f"{key}: unknown parameter (a section)" if isinstance(value, dict) else f"{key} = {value!r}: unknown parameter")
         elif isinstance(value, dict):  # a check across keys: its message names them
             lines.append(msg)
         else:

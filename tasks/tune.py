@@ -47,6 +47,37 @@ TEMPERATURE = (0.01, 100.0)  # softmax temperature, log-uniform (distances are ~
 # ----------------------------------------------------------------------------------------------------- studies
 
 
+SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "key", "sslpassword")
+
+
+def redact(storage: str | Path) -> str:
+    """A storage string fit for a record: a URL's password (``user:***@host``) and secret query values masked.
+
+    ``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``; a journal path is unchanged.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    text = str(storage)
+    if "://" not in text:
+        return text
+    try:
+        u = urlsplit(text)
+    except ValueError:
+        return "<unparsable storage URL, redacted>"
+    netloc = u.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = u.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(any(w in k.lower() for w in SECRET_KEYS) for k, _ in pairs):
+            query = urlencode([(k, "***" if any(w in k.lower() for w in SECRET_KEYS) else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (u.netloc, u.query):
+        return text
+    return f"{u.scheme}://{netloc}{u.path}" + (f"?{query}" if query else "") + (f"#{u.fragment}" if u.fragment else "")
+
+
 def open_storage(storage: str | Path) -> str | optuna.storages.BaseStorage:
     """An RDB URL (contains ``://``) is passed through; anything else is a journal file path (folders created)."""
     if isinstance(storage, str) and "://" in storage:
@@ -182,7 +213,7 @@ def tune_inference(
         best, best_value, best_trial = options_from_dict(study.best_trial.user_attrs["options"]), study.best_value, study.best_trial.number
     return {
         "study_name": study_name,
-        "storage": str(storage),
+        "storage": redact(storage),  # never a password in a record
         "best_options": options_dict(best),
         "best_value": float(best_value),
         "baseline_value": float(baseline),
@@ -323,7 +354,7 @@ def tune_training(
     best = study.best_trial if complete else None
     return {
         "study_name": study_name,
-        "storage": str(storage),
+        "storage": redact(storage),  # never a password in a record
         "best_params": best.params if best else None,
         "best_value": best.value if best else None,
         "best_trial": best.number if best else None,

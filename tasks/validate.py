@@ -9,8 +9,12 @@ GX expresses the per-row checks (nulls, ranges, value sets, uniqueness, class/la
 does not express (every class in every domain, images per domain and class, identical content across domains or
 splits) are computed with pandas and reported in the same structure. Decoding, size and mode were recorded at ingest.
 
-The configured ``dataset.domains`` / ``dataset.classes`` apply only to a manifest of the configured dataset
-(``dataset.name``); any other manifest is validated on its own, and the report says so.
+The configured ``dataset.domains`` / ``dataset.classes`` / ``dataset.root`` apply only to a manifest of the configured
+dataset (``dataset.name``); any other manifest is validated on its own, and the report says so.
+
+Beside the validated copy, ``manifest.parquet.validation.json`` records its SHA-256 and the source it was checked
+against: the stages after validation read the manifest through :func:`bne.ingest.dataset_from_manifest`, which
+refuses a copy whose hash differs (edited after validation) and re-checks the rows it relies on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 
 import great_expectations as gx
@@ -29,7 +34,8 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.row_conditions import Column
 
-from bne.ingest import RGB_MODES, SCHEMA, read_manifest_meta, validated_path
+from bne.ingest import RGB_MODES, SCHEMA, path_problem, read_manifest_meta, validated_path, write_validation_record
+from tasks.paths import resolve
 
 EXAMPLES = 20
 KWARGS = ("column", "column_A", "column_B", "min_value", "max_value")  # what the report shows of an expectation
@@ -42,25 +48,37 @@ class ValidationConfig:
     min_size: int  # smallest accepted width and height, pixels
     domains: tuple[str, ...] | None = None  # when given, the manifest must have exactly these
     classes: tuple[str, ...] | None = None
+    # when given, the manifest's source must be one of these folders: the configured dataset.root, relative to
+    # the params file's folder when known, else to the project folder or the working folder
+    source: tuple[str, ...] | None = None
 
 
-PARAMS = ("dataset.name", "dataset.domains", "dataset.classes", "validation.min_per_class", "validation.min_size")
+PARAMS = ("dataset.name", "dataset.root", "dataset.domains", "dataset.classes", "validation.min_per_class",
+          "validation.min_size")
 
 
-def config_for(p, manifest: Path | str) -> tuple[ValidationConfig, str]:
-    """The suite's settings for ``manifest`` and a note: the configured domains and classes only for its dataset."""
-    base = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size)
+def config_for(p, manifest: Path | str, bases: Sequence[Path | str] = (".",)) -> tuple[ValidationConfig, str]:
+    """The suite's settings for ``manifest`` and a note: the configured domains, classes and root only for its dataset.
+
+    ``bases``: the folders ``dataset.root`` may be relative to (the params file's; where the stages run).
+    """
+    cfg = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size)
     name = read_manifest_meta(manifest)["dataset"]
+    source = tuple(dict.fromkeys(str(resolve(b, p.dataset.root)) for b in bases))
     if name != p.dataset.name:
-        return base, (f"{manifest} is dataset {name!r}, not the configured {p.dataset.name!r}: "
-                      "validated on its own (dataset.domains and dataset.classes not applied)")
-    return replace(base, domains=tuple(p.dataset.domains), classes=tuple(p.dataset.classes) or None), ""
+        return cfg, (f"{manifest} is dataset {name!r}, not the configured {p.dataset.name!r}: "
+                     "validated on its own (dataset.domains, dataset.classes and dataset.root not applied)")
+    return replace(cfg, domains=tuple(p.dataset.domains), classes=tuple(p.dataset.classes) or None, source=source), ""
 
 
-def run(p, layout, reports_root: Path) -> dict:
-    """The pipeline's gate: ``layout.ingest``'s manifest -> ``layout.manifest`` on success."""
+def run(p, layout, reports_root: Path, base: Path | str | None = None) -> dict:
+    """The pipeline's gate: ``layout.ingest``'s manifest -> ``layout.manifest`` on success.
+
+    ``base``: the params file's folder (``dataset.root`` is relative to it); when not given, the project folder
+    or the working folder (the same folder under ``dvc repro`` and the flows).
+    """
     manifest = layout.ingest / "manifest.parquet"
-    cfg, note = config_for(p, manifest)
+    cfg, note = config_for(p, manifest, [base] if base is not None else [Path("."), layout.root])
     return validate_manifest(manifest, reports_root, cfg, layout.manifest, note)
 
 
@@ -181,6 +199,41 @@ def _check(name: str, severity: str, examples: list[dict], count: int | None = N
     }
 
 
+def _same_folder(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _source_checks(df: pd.DataFrame, meta: dict, cfg: ValidationConfig) -> list[dict]:
+    """Paths inside the recorded source (resolved, links included), shaped ``<domain>/<class>/<file>`` of their row;
+    the source the configured ``dataset.root``."""
+    root = Path(str(meta.get("source")))
+    resolved = root.resolve()
+    outside, shape, folders = [], [], {}
+    errors = df["error"] if "error" in df else pd.Series([""] * len(df))
+    for r, error in zip(df[WHERE].itertuples(index=False), errors):
+        if error:  # a row error (undecodable, an odd file name) already fails "every image decodes"
+            continue
+        problem = path_problem(root, r.path, resolved, folders)
+        if problem:
+            outside.append({"path": r.path, "domain": r.domain, "class": r[2], "problem": problem})
+        elif r.path.split("/")[:-1] != [r.domain, r[2]]:
+            shape.append({"path": r.path, "domain": r.domain, "class": r[2]})
+    checks = [
+        _check("paths are relative and inside the source", "error", outside),
+        _check("path is <domain>/<class>/<file> of its row", "error", shape),
+    ]
+    if cfg.source is not None:
+        same = _checked_root(meta, cfg)
+        checks.append(_check("source is the configured dataset.root", "error",
+                             [] if same else [{"source": meta.get("source"), "dataset.root": " or ".join(cfg.source)}]))
+    return checks
+
+
+def _checked_root(meta: dict, cfg: ValidationConfig) -> str | None:
+    """The configured root the manifest's source is (resolved, links included); None when it is none of them."""
+    return next((s for s in cfg.source or () if _same_folder(str(meta.get("source")), s)), None)
+
+
 def _row_checks(df: pd.DataFrame, meta: dict, cfg: ValidationConfig) -> list[dict]:
     classes = sorted(set(meta["classes"]) | set(df["class"].dropna()))
     present = df.groupby("domain")["class"].agg(set)
@@ -249,7 +302,7 @@ def validate_manifest(
     manifest_path = Path(manifest_path)
     meta = read_manifest_meta(manifest_path)
     df = pd.read_parquet(manifest_path)
-    checks = _run_gx(df, _suite(meta, config)) + _row_checks(df, meta, config)
+    checks = _run_gx(df, _suite(meta, config)) + _row_checks(df, meta, config) + _source_checks(df, meta, config)
     report = _plain(
         {
             "dataset": meta["dataset"],
@@ -274,4 +327,7 @@ def validate_manifest(
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(manifest_path, tmp)
         os.replace(tmp, target)
+        # after the copy: a run killed in between leaves a record that does not match, and the copy is refused
+        write_validation_record(target, {"dataset": meta["dataset"], "rows": len(df), "source": meta["source"],
+                                         "dataset_root": _checked_root(meta, config), "great_expectations": gx.__version__})
     return report

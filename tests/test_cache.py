@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -5,13 +7,24 @@ from typer.testing import CliRunner
 from tasks.cli import app
 from bne.data import decode_image, load_cache, load_folder_dataset
 from bne.ingest import dataset_from_manifest, ingest
+from tasks.validate import ValidationConfig, validate_manifest
+
+
+def _validated(source, tmp_path, **kw):
+    """Ingest ``source`` into ``tmp_path/m`` and validate it; the validated copy's path."""
+    ingest(source, tmp_path / "m", progress=False, **kw)
+    report = validate_manifest(tmp_path / "m" / "manifest.parquet", tmp_path / "reports",
+                               ValidationConfig(min_per_class=1, min_size=8), tmp_path / "v" / "manifest.parquet")
+    assert report["success"], report["failures"]
+    return tmp_path / "v" / "manifest.parquet"
 
 
 def test_cache_from_manifest_matches_direct_decoding(synthetic_root, tmp_path):
-    ingest(synthetic_root, tmp_path / "m", val_fraction=0.25, progress=False)
-    ds = dataset_from_manifest(tmp_path / "m" / "manifest.parquet")
+    manifest = _validated(synthetic_root, tmp_path, val_fraction=0.25)
+    ds = dataset_from_manifest(manifest)
     assert ds.samples == load_folder_dataset(synthetic_root, val_fraction=0.25).samples
-    res = CliRunner().invoke(app, ["cache", str(tmp_path / "m" / "manifest.parquet"), "--out", str(tmp_path / "c"), "--size", "16", "--no-progress"])
+    assert all(len(s.sha256) == 64 for s in ds.samples)  # the cache keys on them
+    res = CliRunner().invoke(app, ["cache", str(manifest), "--out", str(tmp_path / "c"), "--size", "16", "--no-progress"])
     assert res.exit_code == 0, res.output
     arrays = load_cache(ds, tmp_path / "c")
     dom = ds.domains[1]
@@ -21,11 +34,16 @@ def test_cache_from_manifest_matches_direct_decoding(synthetic_root, tmp_path):
 
 
 def test_cache_refuses_a_manifest_with_undecodable_images(synthetic_root, tmp_path):
-    import shutil
-
     root = tmp_path / "src"
     shutil.copytree(synthetic_root, root)
     (root / "noisy_gray" / "circle" / "circle_000.png").write_bytes(b"")
     ingest(root, tmp_path / "m", progress=False)
     with pytest.raises(ValueError, match="do not decode.*circle_000.png"):
-        dataset_from_manifest(tmp_path / "m" / "manifest.parquet")
+        dataset_from_manifest(tmp_path / "m" / "manifest.parquet", validated=False)
+
+
+def test_cache_refuses_a_manifest_that_did_not_pass_validation(synthetic_root, tmp_path):
+    ingest(synthetic_root, tmp_path / "m", progress=False)
+    res = CliRunner().invoke(app, ["cache", str(tmp_path / "m" / "manifest.parquet"), "--out", str(tmp_path / "c"), "--size", "16"])
+    assert res.exit_code == 1 and "not a manifest that passed `bne validate`" in res.output
+    assert not (tmp_path / "c").exists()

@@ -154,4 +154,4 @@ def test_dvc_yaml_params_are_the_keys_the_stage_declares(stage):
     body = body.get("do", body)
     declared = importlib.import_module(f"tasks.{stage}").PARAMS
     assert sorted(body.get("params", [])) == sorted(declared)
-    assert f"bne {stage}" in body["cmd"] or f"bne stats extract" in body["cmd"]
+    assert f"bne {stage}" in body["cmd"] or "bne stats extract" in body["cmd"]

@@ -3,8 +3,13 @@ from bne.norm.cbn import CrossIterationBatchNorm2d
 from bne.norm.dsbn import (
     MEAN_DOMAIN,
     DomainBatchNorm2d,
+    SyncBatchNorm2d,
+    convert_sync_batchnorm,
+    distributed_refusal,
     domain_norm_layers,
     domain_route,
+    sync_chunk_stats,
+    world_size,
 )
 from bne.norm.iebn import InstanceEnhancementBatchNorm2d
 from bne.norm.mbn import MemorizedBatchNorm2d, double_forward
@@ -18,7 +23,12 @@ __all__ = [
     "InstanceEnhancementBatchNorm2d",
     "MemorizedBatchNorm2d",
     "ProxyNorm2d",
+    "SyncBatchNorm2d",
+    "convert_sync_batchnorm",
+    "distributed_refusal",
     "domain_norm_layers",
     "domain_route",
     "double_forward",
+    "sync_chunk_stats",
+    "world_size",
 ]

@@ -25,6 +25,8 @@ class BatchGroupNorm2d(DomainBatchNorm2d):
     ``groups`` that does not divide C is replaced by gcd(C, groups).
     """
 
+    distributed_sync = False  # its statistics are not synchronized across processes: refuses torchrun (dsbn)
+
     def __init__(
         self,
         num_features: int,

@@ -64,6 +64,8 @@ class CrossIterationBatchNorm2d(DomainBatchNorm2d):
     batch once per domain. The two agree to rounding (tests/test_norms.py).
     """
 
+    distributed_sync = False  # its statistics are not synchronized across processes: refuses torchrun (dsbn)
+
     fast_grads: bool = True
 
     def __init__(

@@ -21,6 +21,8 @@ class InstanceEnhancementBatchNorm2d(DomainBatchNorm2d):
     the constant ``a = sigmoid(-1)``, i.e. BN with gamma = sigmoid(-1).
     """
 
+    distributed_sync = False  # its statistics are not synchronized across processes: refuses torchrun (dsbn)
+
     def __init__(
         self,
         num_features: int,

@@ -29,6 +29,8 @@ class MemorizedBatchNorm2d(DomainBatchNorm2d):
     :func:`double_forward`.
     """
 
+    distributed_sync = False  # its statistics are not synchronized across processes: refuses torchrun (dsbn)
+
     def __init__(
         self,
         num_features: int,

@@ -37,6 +37,8 @@ class ProxyNorm2d(DomainBatchNorm2d):
     2-D, the training loop's ``ndim > 1`` rule gives them weight decay, as the paper prescribes.
     """
 
+    distributed_sync = False  # its statistics are not synchronized across processes: refuses torchrun (dsbn)
+
     def __init__(
         self,
         num_features: int,

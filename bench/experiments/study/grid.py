@@ -1,7 +1,8 @@
 """The PACS study of issue 19 (pre-registered in docs/results/pacs-study.md): variants x seeds x held-out domains.
 
-Each cell is `bne lodo --target T --set train.seeds=[s] <variant overrides>` in data/study/<variant>/seed<s>/,
-with one torch thread per process and --workers processes side by side. Cells resume (training checkpoints) and a
+Each cell runs the pipeline's stage commands (`bne ingest/validate/cache`, then `bne train/stats extract/embed/tune/
+evaluate --target T`, with `--set train.seeds=[s] <variant overrides>`) in data/study/<variant>/seed<s>/, with one
+torch thread per process and --workers processes side by side. Cells resume (training checkpoints) and a
 finished cell (its fold.json) is never rerun. `--cached-only` prints the table from finished cells at any time.
 
     python bench/experiments/study/grid.py --workers 2              # run what is missing, then the table
@@ -44,22 +45,41 @@ def fold_file(out: Path, variant: str, seed: int, target: str) -> Path:
     return cell_root(out, variant, seed) / "data" / "eval" / "pacs" / target / "fold.json"
 
 
+STAGES = (["train"], ["stats", "extract"], ["embed"], ["tune"], ["evaluate"])
+
+
 def run_cell(out: Path, variant: str, seed: int, target: str, extra: list[str], log: Path) -> tuple[str, float, int]:
-    """One (variant, seed, held-out domain): `bne lodo` in the cell's folder, sharing the decoded image cache."""
+    """One (variant, seed, held-out domain): the fold's stages in the cell's folder, sharing the decoded image cache.
+
+    Cells of one (variant, seed) share a folder: its input stages (ingest, validate, cache) run under a file lock,
+    and the fold stages write only the fold's own paths, so two cells of one seed can run side by side.
+    """
+    import fcntl
+
     root = cell_root(out, variant, seed)
     (root / "data").mkdir(parents=True, exist_ok=True)
     shared = out / "_cache"
     shared.mkdir(parents=True, exist_ok=True)
     if not (root / "data" / "cache").exists():
         (root / "data" / "cache").symlink_to(shared.resolve(), target_is_directory=True)
-    cmd = [sys.executable, "-m", "tasks.cli", "lodo", "--target", target, "--root", str(root), "--params", str(ROOT / "params.yaml"),
-           "--set", f"train.seeds=[{seed}]", *[a for o in TRAINING[variant] + extra for a in ("--set", o)]]
+    sets = [a for o in [f"train.seeds=[{seed}]", *TRAINING[variant], *extra] for a in ("--set", o)]
+    base = [sys.executable, "-m", "tasks.cli"]
+    common = ["--root", str(root), "--params", str(ROOT / "params.yaml"), *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     with open(log, "a") as f:
-        f.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        def run(cmd: list[str]) -> int:
+            f.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {' '.join(cmd)}\n")
+            f.flush()
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+
+        with open(root / ".inputs.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rc = next((r for r in (run([*base, s, *common]) for s in ("ingest", "validate", "cache")) if r), 0)
+        for stage in STAGES:
+            if rc:
+                break
+            rc = run([*base, *stage, "--target", target, *common])
     return f"{variant}/seed{seed}/{target}", time.time() - t0, rc
 
 
@@ -141,23 +161,13 @@ def main() -> None:
     out = a.out / "gpu" if a.gpu else a.out
     if not a.cached_only:
         todo = [(v, s, t) for v in a.variants for s in a.seeds for t in targets if not fold_file(out, v, s, t).is_file()]
-        print(f"{len(todo)} cell(s) to run with {a.workers} worker(s); logs in {out}/<variant>/seed<s>/lodo.log", flush=True)
+        print(f"{len(todo)} cell(s) to run with {a.workers} worker(s); logs in {out}/<variant>/seed<s>/<target>.log", flush=True)
 
         def one(cell):
             v, s, t = cell
             (cell_root(out, v, s)).mkdir(parents=True, exist_ok=True)
-            return run_cell(out, v, s, t, extra, cell_root(out, v, s) / "lodo.log")
+            return run_cell(out, v, s, t, extra, cell_root(out, v, s) / f"{t}.log")
 
-        if todo:  # the shared decoded-image cache first, so that cells running side by side only read it
-            v, s, _ = todo[0]
-            root = cell_root(out, v, s)
-            (root / "data").mkdir(parents=True, exist_ok=True)
-            if not (root / "data" / "cache").exists():
-                (out / "_cache").mkdir(parents=True, exist_ok=True)
-                (root / "data" / "cache").symlink_to((out / "_cache").resolve(), target_is_directory=True)
-            for stage in ("ingest", "validate", "cache"):
-                subprocess.run([sys.executable, "-m", "tasks.cli", stage, "--root", str(root), "--params", str(ROOT / "params.yaml"),
-                                *[x for o in extra for x in ("--set", o)]], cwd=ROOT, check=True)
         with ThreadPoolExecutor(max(1, a.workers)) as pool:
             results = list(pool.map(one, todo))
         for name, seconds, rc in results:
