@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bne.norm.dsbn import MEAN_DOMAIN, DomainBatchNorm2d
+from bne.norm.dsbn import MEAN_DOMAIN, DomainBatchNorm2d, scale_shift  # noqa: F401  (re-exported for cbn, mbn)
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -59,18 +59,6 @@ def pick(param: torch.Tensor, d: int) -> torch.Tensor:
     if param.shape[0] == 1:
         return param[0]
     return param.mean(0) if d == MEAN_DOMAIN else param[d]
-
-
-def scale_shift(
-    x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, differentiable in mean and var."""
-    out = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + eps).view(1, -1, 1, 1)
-    if weight is not None:
-        out = out * weight.view(1, -1, 1, 1)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out.to(x.dtype)
 
 
 def fit_groups(channels: int, groups: int) -> int:

@@ -120,7 +120,7 @@ def sync_chunk_stats(x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tenso
     return _SyncChunkStats.apply(x, [int(s) for s in sizes])
 
 
-def sync_normalize(
+def scale_shift(
     x: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -128,7 +128,7 @@ def sync_normalize(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, in ``x``'s dtype."""
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, differentiable in mean and var, in ``x``'s dtype."""
     out = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + eps).view(1, -1, 1, 1)
     if weight is not None:
         out = out * weight.view(1, -1, 1, 1)
@@ -283,7 +283,7 @@ class DomainBatchNorm2d(nn.Module):
             factor = 1.0 / float(self.num_batches_tracked[d]) if self.momentum is None else self.momentum
             update_running_stats(self.running_mean[d], self.running_var[d], mean[k], var[k], count[k], factor)
             weight, bias = self._affine(d)
-            out.append(sync_normalize(chunk, mean[k], var[k], self.eps, weight, bias))
+            out.append(scale_shift(chunk, mean[k], var[k], self.eps, weight, bias))
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
@@ -314,7 +314,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             update_running_stats(self.running_mean, self.running_var, mean[0], var[0], count[0], factor)
-        return sync_normalize(x, mean[0], var[0], self.eps, self.weight, self.bias)
+        return scale_shift(x, mean[0], var[0], self.eps, self.weight, self.bias)
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
