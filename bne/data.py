@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from bne.io import atomic_write, save_npy
 from bne.progress import progress as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -371,14 +371,9 @@ def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers:
             it = pool.map(decode, todo)
             for (i, _, _), img in zip(todo, progress_bar(it, total=len(todo), desc=f"cache {dom} @{size}px", unit="img", enabled=progress)):
                 arr[i] = img
-            tmp = out_dir / f".{dom}.npy.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
             index_file.unlink(missing_ok=True)  # from the first array replaced until the new index: no index, no reuse
-            os.replace(tmp, out_dir / f"{dom}.npy")
-    tmp = out_dir / ".index.json.tmp"
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, index_file)
+            save_npy(out_dir / f"{dom}.npy", arr)
+    atomic_write(index_file, json.dumps(index))
     return out_dir
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -51,6 +50,7 @@ from bne.data import (
     safe_relpath,
     scan_folder,
 )
+from bne.io import atomic_call
 from bne.progress import progress as progress_bar
 
 MANIFEST = "manifest.parquet"
@@ -184,12 +184,6 @@ def _ignored_files(source: Path, taken: set[str]) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def default_name(source: Path) -> str:
     """The dataset's name: the source folder's, or its parent's when the source is an ``images`` folder."""
     source = Path(source).resolve()
@@ -262,9 +256,9 @@ def ingest(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta)}))
-    _atomic_write(out_dir / MANIFEST, lambda p: pq.write_table(table, p))
+    atomic_call(out_dir / MANIFEST, lambda p: pq.write_table(table, p))
     text = json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace")
-    _atomic_write(out_dir / REPORT, lambda p: p.write_bytes(text))
+    atomic_call(out_dir / REPORT, lambda p: p.write_bytes(text))
     return report
 
 
@@ -317,7 +311,7 @@ def write_validation_record(manifest: Path | str, record: dict) -> dict:
     manifest = Path(manifest)
     rec = {"manifest": manifest.name, "sha256": manifest_sha256(manifest), **record}
     text = json.dumps(rec, indent=1, sort_keys=True, ensure_ascii=False)
-    _atomic_write(record_path(manifest), lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_call(record_path(manifest), lambda p: p.write_text(text, encoding="utf-8"))
     return rec
 
 

@@ -34,6 +34,7 @@ from bne.embedding import (
     layer_mean_matrix,
     per_layer_distances,
 )
+from bne.io import atomic_torch_save
 from bne.model import DGNet, ModelSpec, classifier, stages
 from bne.norm.dsbn import convert_sync_batchnorm, distributed_refusal, world_size
 from bne.norm.mbn import double_forward
@@ -193,12 +194,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def build_optimizer(model: DGNet, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -456,7 +451,7 @@ def train(
         log(f"{method} epoch {epoch + 1}/{cfg.epochs}: loss {running / steps:.4f}, source-val acc {val:.4f}")
         if me == 0:
             if cfg.select == "best" and val >= max(h["source_val_acc"] for h in history):
-                atomic_save(model.state_dict(), out_dir / "best.pt")
+                atomic_torch_save(model.state_dict(), out_dir / "best.pt")
             checkpoint = {
                 "key": key,
                 "epoch": epoch,
@@ -467,7 +462,7 @@ def train(
             }
             if world > 1:
                 checkpoint["world_size"] = world  # a resume needs the same number of processes
-            atomic_save(checkpoint, ckpt)
+            atomic_torch_save(checkpoint, ckpt)
         if world > 1:
             dist.barrier()  # the checkpoint exists before any rank goes on (or is killed)
         if on_epoch is not None:

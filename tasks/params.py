@@ -13,7 +13,6 @@ so a test can check that every declared key is used.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pydantic import (
 
 from bne.data import AugmentConfig
 from bne.embedding import DISTANCES, LAYER_SETS, WEIGHTINGS, InferenceOptions
+from bne.io import atomic_path
 from bne.model import BACKBONES, NORMS, ModelSpec
 from bne.train import TrainConfig
 from tasks.paths import resolve  # noqa: F401  (the one path resolver; re-exported)
@@ -311,10 +311,8 @@ def write_overrides(path: Path | str, overrides: Iterable[str]) -> None:
             value = CommentedSeq(value)
             value.fa.set_flow_style()
         node[keys[-1]] = value
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         rt.dump(doc, f)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ scoped reads

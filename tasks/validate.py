@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import great_expectations as gx
@@ -34,7 +33,15 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.row_conditions import Column
 
-from bne.ingest import RGB_MODES, SCHEMA, path_problem, read_manifest_meta, validated_path, write_validation_record
+from bne.ingest import (
+    RGB_MODES,
+    SCHEMA,
+    path_problem,
+    read_manifest_meta,
+    validated_path,
+    write_validation_record,
+)
+from bne.io import atomic_call, atomic_write
 from tasks.paths import resolve
 
 EXAMPLES = 20
@@ -282,12 +289,6 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def validate_manifest(
     manifest_path: Path | str,
     reports_dir: Path | str,
@@ -319,14 +320,12 @@ def validate_manifest(
     )
     out = Path(reports_dir) / meta["dataset"]
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "validation.json", json.dumps(report, indent=1, ensure_ascii=False))
-    _write(out / "validation.md", summary(report) + "\n")
+    atomic_write(out / "validation.json", json.dumps(report, indent=1, ensure_ascii=False))
+    atomic_write(out / "validation.md", summary(report) + "\n")
     if report["success"]:
         target = Path(validated) if validated else validated_path(manifest_path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(manifest_path, tmp)
-        os.replace(tmp, target)
+        atomic_call(target, lambda tmp: shutil.copyfile(manifest_path, tmp))
         # after the copy: a run killed in between leaves a record that does not match, and the copy is refused
         write_validation_record(target, {"dataset": meta["dataset"], "rows": len(df), "source": meta["source"],
                                          "dataset_root": _checked_root(meta, config), "great_expectations": gx.__version__})

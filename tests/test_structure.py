@@ -146,6 +146,8 @@ def test_dvc_yaml_deps_are_the_code_the_stage_runs(stage, graph):
     body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     body = body.get("do", body)
     assert declared_code_deps(body) == expected_deps(stage, graph)
+    listed = [d if isinstance(d, str) else next(iter(d)) for d in body.get("deps", [])]
+    assert len(listed) == len(set(listed)), f"{stage}: a dep listed twice"
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bne.norm.dsbn import MEAN_DOMAIN, DomainBatchNorm2d, scale_shift  # noqa: F401  (re-exported for cbn, mbn)
+from bne.norm.dsbn import (  # noqa: F401  (re-exported for cbn, mbn)
+    MEAN_DOMAIN,
+    DomainBatchNorm2d,
+    scale_shift,
+)
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
