@@ -3,9 +3,13 @@
 Each cell runs the pipeline's stage commands (`bne ingest/validate/cache`, then `bne train/stats extract/embed/tune/
 evaluate --target T`, with `--set train.seeds=[s] <variant overrides>`) in data/study/<variant>/seed<s>/, with one
 torch thread per process and --workers processes side by side. Cells resume (training checkpoints) and a
-finished cell (its fold.json) is never rerun. `--cached-only` prints the table from finished cells at any time.
+finished cell (its fold.json) is never rerun. A finished cell then gets its record,
+reports/study/cells/<variant>/seed<s>/<target>.json (committed): its own row and every inference-only variant
+(power 2, statistics mixing: bne/mixing.py) on its checkpoints. `--cached-only` prints the table of the records at
+any time, in a clone without data/.
 
     python bench/experiments/study/grid.py --workers 2              # run what is missing, then the table
+    python bench/experiments/study/grid.py --post-only              # records of finished cells lacking one
     python bench/experiments/study/grid.py --cached-only            # the table so far
     python bench/experiments/study/grid.py --gpu                    # the literature protocol (224 px, 30 epochs)
 """
@@ -25,15 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bne.evaluate import BranchOutputs, leave_own_out_accuracy, method_accuracies
+from bne.evaluate import accuracy, leave_own_out_accuracy, method_accuracies
 from bne.io import atomic_write, write_json
 from tasks import params as P
 
 ROOT = Path(__file__).resolve().parents[3]
 #: Training variants: overrides of params.yaml (each trains DeepAll and BNE in its own cells).
 TRAINING = {"paper": [], "ensemble0.1": ["train.ensemble_loss=0.1", "train.ensemble_own_out=true"]}
-#: Inference-only variants: eval.options changes applied to the saved outputs of a training variant.
-INFERENCE = {"power2": ("paper", {"power": 2.0})}
+#: Inference-only variants of every training variant (definitions fixed in docs/results/pacs-study.md):
+#: options re-scored from the saved outputs, and statistics mixing (bne/mixing.py) on the saved checkpoints.
+POWER2 = {"power": 2.0}
+MIXSTATS_POWERS = {"mixstats": 1.0, "mixstats_p2": 2.0}
+ALPHAS = (0.2, 0.5)
 GPU = ["train.resolution=224", "train.epochs=30", "train.device=cuda"]
 
 
@@ -46,6 +53,10 @@ def fold_file(out: Path, variant: str, seed: int, target: str) -> Path:
 
 
 STAGES = (["train"], ["stats", "extract"], ["embed"], ["tune"], ["evaluate"])
+
+
+def cell_overrides(variant: str, seed: int, extra: list[str]) -> list[str]:
+    return [f"train.seeds=[{seed}]", *TRAINING[variant], *extra]
 
 
 def run_cell(out: Path, variant: str, seed: int, target: str, extra: list[str], log: Path) -> tuple[str, float, int]:
@@ -62,7 +73,7 @@ def run_cell(out: Path, variant: str, seed: int, target: str, extra: list[str], 
     shared.mkdir(parents=True, exist_ok=True)
     if not (root / "data" / "cache").exists():
         (root / "data" / "cache").symlink_to(shared.resolve(), target_is_directory=True)
-    sets = [a for o in [f"train.seeds=[{seed}]", *TRAINING[variant], *extra] for a in ("--set", o)]
+    sets = [a for o in cell_overrides(variant, seed, extra) for a in ("--set", o)]
     base = [sys.executable, "-m", "tasks.cli"]
     common = ["--root", str(root), "--params", str(ROOT / "params.yaml"), *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -83,29 +94,94 @@ def run_cell(out: Path, variant: str, seed: int, target: str, extra: list[str], 
     return f"{variant}/seed{seed}/{target}", time.time() - t0, rc
 
 
-def load_folds(out: Path, variant: str, seeds: list[int], targets: list[str]) -> dict[tuple[int, str], dict]:
-    found = {}
-    for s in seeds:
-        for t in targets:
-            f = fold_file(out, variant, s, t)
-            if f.is_file():
-                found[(s, t)] = json.loads(f.read_text())["folds"][0]
-    return found
+def record_file(reports: Path, variant: str, seed: int, target: str) -> Path:
+    """A finished cell's record, committed with the reports: every row it gives, so the table needs no data/."""
+    return reports / "cells" / variant / f"seed{seed}" / f"{target}.json"
 
 
-def inference_variant(out: Path, base: str, change: dict, seeds: list[int], targets: list[str], p) -> dict[tuple[int, str], dict]:
-    """The base variant's folds re-scored with other inference options from their saved outputs (no retraining)."""
-    opts = replace(p.eval.options.options(), **change)
-    rows = {}
-    for (s, t), f in load_folds(out, base, seeds, targets).items():
-        data = cell_root(out, base, s) / "data"
-        target_out = BranchOutputs.load(data / "eval" / "pacs" / t / f"seed{s}" / "target_outputs.npz")
-        val = BranchOutputs.load(data / "embed" / "pacs" / t / f"seed{s}" / "val_outputs.npz")
-        import torch
+def per_domain_accuracy(probs, labels, domains) -> float:
+    """The mean over source domains of the accuracy on that domain's validation images (as the criterion is)."""
+    return float(np.mean([accuracy(probs[domains == d], labels[domains == d]) for d in domains.unique()]))
 
-        dom = torch.from_numpy(np.load(data / "embed" / "pacs" / t / f"seed{s}" / "val_domains.npy", allow_pickle=False))
-        rows[(s, t)] = {"deepall": f["deepall"], "bne": method_accuracies(target_out, opts)["bne"],
-                        "leave_own_out_val_acc": leave_own_out_accuracy(val, dom, opts)}
+
+def post_cell(out: Path, reports: Path, variant: str, seed: int, target: str, p, log) -> None:
+    """The cell's record: its trained rows plus every inference-only variant on its checkpoints and saved outputs.
+
+    Rows: ``{name: {"deepall", "bne", "leave_own_out_val_acc"}}``: ``bne`` is the row's method on the held-out domain,
+    ``deepall`` its pair partner (DeepAll of the same seed and fold), the criterion on source validation only.
+    """
+    import torch
+
+    from bne.evaluate import BranchOutputs, bne_predict, ensemble, plain_probs
+    from bne.mixing import alpha_branch_probs, mixed_probs, mixstats_fn, plain_norm_layers, pooled_fn
+    from bne.model_io import load_model, model_with_stats
+    from bne.embedding import layer_subset
+    from tasks.inputs import fold_data, source_val, sources
+    from tasks.paths import Layout
+
+    torch.set_num_threads(1)
+    fold = json.loads(fold_file(out, variant, seed, target).read_text())["folds"][0]
+    layout = Layout(cell_root(out, variant, seed), p.dataset.name)
+    paths = layout.fold(target)
+    dataset, arrays = fold_data(layout, p.train.resolution)
+    srcs = sources(dataset, arrays, target)
+    names = [a.name for a in srcs]
+    cpu, batch = torch.device("cpu"), p.eval.batch
+    opts = p.eval.options.options()
+    tgt_out = BranchOutputs.load(paths.eval(seed) / "target_outputs.npz")
+    val_out = BranchOutputs.load(paths.embed(seed) / "val_outputs.npz")
+    val_dom = torch.from_numpy(np.load(paths.embed(seed) / "val_domains.npy", allow_pickle=False))
+    val_images, val_labels, _ = source_val(srcs)
+    val_labels = torch.as_tensor(val_labels)
+    tgt = arrays[target]
+    tgt_labels = torch.as_tensor(tgt.labels)
+    model, _ = model_with_stats(p.model.spec(len(dataset.classes), names), paths.train(seed, "bne") / "model.pt",
+                                paths.stats, seed, cpu)
+    deep = load_model(p.model.spec(len(dataset.classes)), paths.train(seed, "deepall") / "model.pt", cpu)
+    early = len(layer_subset(len(plain_norm_layers(model)), "early"))
+    rows, seconds = {variant: {k: fold[k] for k in ("deepall", "bne", "leave_own_out_val_acc")}}, {}
+    opts2 = replace(opts, **POWER2)
+    rows[f"{variant}+power2"] = {"deepall": fold["deepall"], "bne": method_accuracies(tgt_out, opts2)["bne"],
+                                 "leave_own_out_val_acc": leave_own_out_accuracy(val_out, val_dom, opts2)}
+
+    def timed(name, fn):
+        t0 = time.process_time()
+        r = fn()
+        seconds[name] = time.process_time() - t0
+        return r
+
+    makers = {"pooled": pooled_fn, **{k: (lambda L, a, pw=pw: mixstats_fn(L, pw, a)) for k, pw in MIXSTATS_POWERS.items()}}
+    for name, make in makers.items():
+        log(f"{variant}/seed{seed}/{target}: {name}")
+        t = timed(name, lambda: mixed_probs(model, tgt.images, batch, cpu, make))
+        v = mixed_probs(model, val_images, batch, cpu, make, own=val_dom.numpy())
+        rows[f"{variant}+{name}"] = {"deepall": fold["deepall"], "bne": accuracy(t, tgt_labels),
+                                     "leave_own_out_val_acc": per_domain_accuracy(v, val_labels, val_dom)}
+    timed("deepall_forward", lambda: plain_probs(deep, tgt.images, batch, cpu))  # mixstats' time reference
+    _, w_t = bne_predict(tgt_out, opts)
+    _, w_v = bne_predict(val_out, opts, exclude=val_dom)
+    for a in ALPHAS:
+        log(f"{variant}/seed{seed}/{target}: alpha {a}")
+        bt = alpha_branch_probs(model, tgt.images, batch, cpu, a, early)
+        bv = alpha_branch_probs(model, val_images, batch, cpu, a, early)
+        dt = alpha_branch_probs(deep, tgt.images, batch, cpu, a, early)[0]
+        rows[f"{variant}+alpha{a}"] = {"deepall": fold["deepall"], "bne": accuracy(ensemble(bt, w_t), tgt_labels),
+                                       "leave_own_out_val_acc": per_domain_accuracy(ensemble(bv, w_v), val_labels, val_dom)}
+        rows[f"deepall+alpha{a}"] = {"deepall": fold["deepall"], "bne": accuracy(dt, tgt_labels), "leave_own_out_val_acc": None}
+    write_json(record_file(reports, variant, seed, target), {
+        "variant": variant, "seed": seed, "target": target, "sources": names, "early_layers": early,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "fold": fold, "rows": rows,
+        "cpu_seconds": seconds, "target_images": len(tgt_labels)})
+
+
+def load_records(reports: Path, seeds: list[int], targets: list[str]) -> dict[str, dict[tuple[int, str], dict]]:
+    """Every row of every finished cell record: {row name: {(seed, target): row}}."""
+    rows: dict[str, dict[tuple[int, str], dict]] = {}
+    for f in sorted((reports / "cells").glob("*/seed*/*.json")):
+        r = json.loads(f.read_text())
+        if r["seed"] in seeds and r["target"] in targets:
+            for name, row in r["rows"].items():
+                rows.setdefault(name, {})[(r["seed"], r["target"])] = row
     return rows
 
 
@@ -127,21 +203,23 @@ def table(variants: dict[str, dict], seeds: list[int], targets: list[str]) -> tu
         for t in [*targets, "mean"]:
             if t == "mean":  # only seeds with every target done; the mean over targets first, then over seeds
                 full = [s for s in seeds if all((s, u) in folds for u in targets)]
-                per = {k: [100 * np.mean([folds[(s, u)][k] for u in targets]) for s in full]
-                       for k in ("deepall", "bne", "leave_own_out_val_acc")}
+                per = {k: [100 * np.mean([folds[(s, u)][k] for u in targets]) if folds[(s, targets[0])][k] is not None
+                           else None for s in full] for k in ("deepall", "bne", "leave_own_out_val_acc")}
                 done = full
             else:
                 done = [s for s in seeds if (s, t) in folds]
-                per = {k: [100 * folds[(s, t)][k] for s in done] for k in ("deepall", "bne", "leave_own_out_val_acc")}
+                per = {k: [100 * folds[(s, t)][k] if folds[(s, t)][k] is not None else None for s in done]
+                       for k in ("deepall", "bne", "leave_own_out_val_acc")}
             if not done:
                 continue
             diff = [b - d for b, d in zip(per["bne"], per["deepall"])]
             row = {"seeds": done, "deepall": mean_se(per["deepall"]), "variant": mean_se(per["bne"]), "diff": mean_se(diff),
-                   "criterion": mean_se(per["leave_own_out_val_acc"]), "diff_sd": float(np.std(diff, ddof=1)) if len(diff) > 1 else None}
+                   "criterion": mean_se(per["leave_own_out_val_acc"]) if None not in per["leave_own_out_val_acc"] else None,
+                   "diff_sd": float(np.std(diff, ddof=1)) if len(diff) > 1 else None}
             summary[name][t] = row
             lines.append(f"| {name} | {t} | {len(done)} | {fmt(*row['deepall'])} | {fmt(*row['variant'])} | "
                          f"{row['diff'][0]:+.1f}" + (f" ± {row['diff'][1]:.1f}" if row["diff"][1] is not None else "") +
-                         f" | {fmt(*row['criterion'])} |")
+                         f" | {fmt(*row['criterion']) if row['criterion'] else '–'} |")
     return "\n".join(lines) + "\n", summary
 
 
@@ -152,37 +230,48 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(TRAINING))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=2, help="cells run side by side, one torch thread each")
-    ap.add_argument("--cached-only", action="store_true", help="only the table of the finished cells")
+    ap.add_argument("--cached-only", action="store_true", help="only the table of the finished cells' records")
+    ap.add_argument("--post-only", action="store_true", help="only the records of finished cells that lack one, then the table")
     ap.add_argument("--gpu", action="store_true", help="the literature protocol (224 px, 30 epochs) on a GPU")
     a = ap.parse_args()
     p = P.load(ROOT / "params.yaml")
     targets = list(p.dataset.folds)
     extra = GPU if a.gpu else []
     out = a.out / "gpu" if a.gpu else a.out
-    if not a.cached_only:
+    reports = a.reports / "gpu" if a.gpu else a.reports
+
+    def post(v: str, s: int, t: str) -> None:
+        if fold_file(out, v, s, t).is_file() and not record_file(reports, v, s, t).is_file():
+            post_cell(out, reports, v, s, t, P.load(ROOT / "params.yaml", cell_overrides(v, s, extra)),
+                      lambda m: print(m, flush=True))
+
+    if not (a.cached_only or a.post_only):
         todo = [(v, s, t) for v in a.variants for s in a.seeds for t in targets if not fold_file(out, v, s, t).is_file()]
         print(f"{len(todo)} cell(s) to run with {a.workers} worker(s); logs in {out}/<variant>/seed<s>/<target>.log", flush=True)
 
         def one(cell):
             v, s, t = cell
             (cell_root(out, v, s)).mkdir(parents=True, exist_ok=True)
-            return run_cell(out, v, s, t, extra, cell_root(out, v, s) / f"{t}.log")
+            result = run_cell(out, v, s, t, extra, cell_root(out, v, s) / f"{t}.log")
+            if result[2] == 0:
+                post(v, s, t)
+            return result
 
         with ThreadPoolExecutor(max(1, a.workers)) as pool:
             results = list(pool.map(one, todo))
         for name, seconds, rc in results:
             print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {seconds / 60:.1f} min", flush=True)
-    variants = {v: load_folds(out, v, a.seeds, targets) for v in a.variants}
-    for name, (base, change) in INFERENCE.items():
-        if base in variants:
-            variants[name] = inference_variant(out, base, change, a.seeds, targets, p)
+    if not a.cached_only:  # records of cells finished earlier (by another run) that lack one
+        for v, s, t in [(v, s, t) for v in a.variants for s in a.seeds for t in targets]:
+            post(v, s, t)
+    variants = load_records(reports, a.seeds, targets)
     md, summary = table(variants, a.seeds, targets)
     print(md)
-    a.reports.mkdir(parents=True, exist_ok=True)
-    write_json(a.reports / ("gpu.json" if a.gpu else "metrics.json"),
+    reports.mkdir(parents=True, exist_ok=True)
+    write_json(reports / "metrics.json",
                {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seeds": a.seeds, "targets": targets,
                 "variants": {v: {t: r for t, r in rows.items()} for v, rows in summary.items()}})
-    atomic_write(a.reports / ("gpu.md" if a.gpu else "metrics.md"),
+    atomic_write(reports / "metrics.md",
                  "# PACS study (issue 19): DeepAll vs BNE variants, paired by seed and held-out domain\n\n" + md)
 
 
