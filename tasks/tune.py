@@ -5,8 +5,9 @@ domain's branch left out (a stand-in for an unseen domain), training hyper-param
 accuracy. The held-out domain is never an argument here.
 
 Studies live in a journal file (a path) or an RDB URL (``sqlite:///x.db``, ``postgresql://...``: several machines
-can share one study). ``n_trials`` is the number of *finished* (complete or pruned) trials the study should hold: a
-killed study resumes and runs only the rest. Failed or stale running trials do not count and are run again.
+can share one study; heartbeats mark the trials of a killed process FAIL and queue them again). ``n_trials`` is
+the number of *finished* (complete or pruned) trials the study should hold: a killed study resumes and runs only
+the rest. Failed or stale running trials do not count and are run again.
 
 The library ``bne`` never imports optuna; this module does.
 """
@@ -78,18 +79,68 @@ def redact(storage: str | Path) -> str:
     return f"{u.scheme}://{netloc}{u.path}" + (f"?{query}" if query else "") + (f"#{u.fragment}" if u.fragment else "")
 
 
-def open_storage(storage: str | Path) -> str | optuna.storages.BaseStorage:
-    """An RDB URL (contains ``://``) is passed through; anything else is a journal file path (folders created)."""
-    if isinstance(storage, str) and "://" in storage:
-        return storage
+#: RDB storages (``postgresql://...``, shared by several processes or machines): a running trial records a
+#: heartbeat every HEARTBEAT_INTERVAL s; a trial without one for GRACE_PERIOD s (its process was killed) is marked
+#: FAIL by the next process that asks for a trial and queued again with the same parameters, at most MAX_RETRY
+#: times. Failed trials do not count towards ``n_trials``, so the study goes on to its full size.
+HEARTBEAT_INTERVAL = 10
+GRACE_PERIOD = 60
+MAX_RETRY = 2
+
+
+def is_rdb(storage: str | Path) -> bool:
+    """True for an RDB URL (contains ``://``: ``postgresql://...``, ``sqlite:///...``); else a journal file path."""
+    return isinstance(storage, str) and "://" in storage
+
+
+def open_storage(storage: str | Path) -> optuna.storages.BaseStorage:
+    """An RDB URL (contains ``://``): an :class:`~optuna.storages.RDBStorage` with heartbeats and the retry of
+    stale trials (above); anything else is a journal file path (folders created).
+
+    Several processes may open the same new database at once: creating its tables is retried a few times (the
+    loser of the race sees the winner's tables)."""
+    if is_rdb(storage):
+        import time
+
+        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+        from sqlalchemy.exc import SQLAlchemyError
+
+        kwargs = {"pool_pre_ping": True} if not storage.startswith("sqlite") else {}
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                      grace_period=GRACE_PERIOD,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            except SQLAlchemyError as e:
+                if attempt == 4:
+                    raise RuntimeError(f"cannot open the study storage {redact(storage)}: {type(e).__name__}") from None
+                time.sleep(0.5 * (attempt + 1))
     path = Path(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def _sampler(seed: int, n_trials: int) -> optuna.samplers.TPESampler:
-    # Random start-up trials: TPE's default of 10, fewer for small budgets.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, n_trials // 2)))
+def _sampler(seed: int, n_trials: int, shared: bool = False) -> optuna.samplers.TPESampler:
+    """Seeded TPE. Random start-up trials: TPE's default of 10, fewer for small budgets. ``shared`` (an RDB study
+    other processes may run at once): ``constant_liar``, so that trials running elsewhere count as bad results
+    and are not sampled again (a single process never sees another running trial: the same trials as without)."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, n_trials // 2)), constant_liar=shared)
+
+
+def _create_study(storage: str | Path, study_name: str, seed: int, n_trials: int, **kwargs) -> optuna.Study:
+    """Create or load ``study_name``. On an RDB storage a process that joins a study already holding trials seeds
+    its sampler with ``seed`` + that count, so processes joining one after another do not draw the same random
+    start-up trials; the first process (or a single one) uses ``seed``, as with a journal."""
+    shared = is_rdb(storage)
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage), sampler=_sampler(seed, n_trials, shared),
+                                load_if_exists=True, **kwargs)
+    if shared:
+        held = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL)))
+        if held:
+            study.sampler = _sampler(seed + held, n_trials, shared)
+    return study
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -200,9 +251,7 @@ def tune_inference(
         trial.set_user_attr("options", options_dict(opts))
         return leave_own_out_accuracy(val, val_domains, opts)
 
-    study = optuna.create_study(
-        study_name=study_name, storage=open_storage(storage), sampler=_sampler(seed, n_trials), direction="maximize", load_if_exists=True
-    )
+    study = _create_study(storage, study_name, seed, n_trials, direction="maximize")
     base_params = _inference_params(base)
     _enqueue_once(study, base_params)
     _optimize(study, objective, n_trials, timeout)
@@ -339,13 +388,10 @@ def tune_training(
     Returns ``best_params``, ``best_value``, ``best_trial``, ``best_train`` (the winner's ``TrainConfig`` as a dict,
     when the objective records it), ``n_complete`` and ``n_pruned``. ``best_*`` are ``None`` if no trial completed.
     """
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=open_storage(storage),
-        sampler=_sampler(seed, n_trials),
+    study = _create_study(
+        storage, study_name, seed, n_trials,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_epochs + 1),
         direction="maximize",
-        load_if_exists=True,
     )
     if enqueue:
         _enqueue_once(study, enqueue)
