@@ -7,7 +7,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run test smoke serve stop clean-work
+.PHONY: install run test smoke serve workers stop clean-work
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,16 @@ smoke: install
 serve: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m flows.serve --detach
 
+# N Prefect process workers on the work pool fanout.pool (default bne), each in its own workspace .workers/w<i>/, and
+# the deployment dg-fold/<fanout.deployment> they run; needs a server (make serve, or PREFECT_API_URL from the
+# environment). Then `prefect deployment run dg-pipeline/pacs --param mode=pool` fans the folds out to them.
+N ?= 2
+workers: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PREFECT_API_URL="$${PREFECT_API_URL:-http://127.0.0.1:4200/api}" $(PY) -m flows.workers --start $(N)
+
+# Stops the workers (if any), then serving and its server.
 stop:
+	@$(PY) -m flows.workers --stop
 	@$(PY) -m flows.serve --stop
 
 clean-work:

@@ -19,29 +19,35 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dvc import ROOT, project, run_stage, stages
+from flows.fanout import run_pool
 from flows.retrain import retrain_new_domains
 from flows.smoke import smoke_project
 from tasks import params as P
 from tasks.paths import Layout
 
 ACTIONS = ("run", "retrain-new-domains")
+MODES = ("local", "pool")
 
 
-def _run(root: Path | str, dataset: str, overrides: list[str], action: str) -> dict:
+def _run(root: Path | str, dataset: str, overrides: list[str], action: str, mode: str | None = None) -> dict:
     logger = get_run_logger()
-    path, _ = project(root, dataset, overrides)  # root, dataset and overrides checked before anything is written
+    path, params = project(root, dataset, overrides)  # root, dataset and overrides checked before anything is written
     if overrides:
         P.write_overrides(path / P.PARAMS_FILE, overrides)
         logger.info("params.yaml: %s", ", ".join(overrides))
     if action == "retrain-new-domains":
         return retrain_new_domains(dataset=dataset, root=str(path))
-    ran = {stage: run_stage.with_options(name=stage)(stage, str(path)) for stage in stages(path)}
+    folds = None
+    if (mode or params.fanout.mode) == "pool":
+        ran, folds = run_pool(path, params, stages(path))
+    else:
+        ran = {stage: run_stage.with_options(name=stage)(stage, str(path)) for stage in stages(path)}
     table = Layout(path, dataset).reports / "metrics.md"
     if table.is_file():
         create_markdown_artifact(table.read_text(), key=f"{re.sub(r'[^a-z0-9-]', '-', dataset.lower())}-results",
                                  description="leave-one-domain-out results")
     logger.info("ran: %s; cached: %s", [s for s, r in ran.items() if r] or "none", [s for s, r in ran.items() if not r] or "none")
-    return ran
+    return ran if folds is None else {"stages": ran, "folds": folds}
 
 
 @flow(name="dg-pipeline")
@@ -53,6 +59,7 @@ def dg_pipeline(
     action: str = "run",
     smoke_source: str | None = None,
     keep: bool = False,
+    mode: str | None = None,
 ) -> dict:
     """Run every DVC stage in order for ``dataset`` (the dataset that ``params.yaml`` configures).
 
@@ -61,17 +68,22 @@ def dg_pipeline(
     ``smoke``: run on a tiny subset (of ``smoke_source``, default the configured dataset) in a temporary copy
     of this project, removed afterwards unless ``keep``.
     ``action``: ``run`` (the pipeline) or ``retrain-new-domains`` (the flow of that name, as a subflow).
-    Returns ``{stage: ran}`` (False: DVC found it up to date), or the retraining flow's result.
+    ``mode``: ``local`` (every stage here) or ``pool`` (each fold a run of the ``dg-fold`` deployment on the work
+    pool ``fanout.pool``, then ``report`` here: flows/fanout.py); default ``fanout.mode`` of ``params.yaml``.
+    Returns ``{stage: ran}`` (False: DVC found it up to date), in pool mode ``{"stages": {stage: ran}, "folds":
+    {fold: record of its dg-fold run}}``, or the retraining flow's result.
     """
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (or None: fanout.mode), got {mode!r}")
     overrides = list(overrides or [])
     if not smoke:
-        return _run(root, dataset, overrides, action)
+        return _run(root, dataset, overrides, action, mode)
     project(root, dataset)  # the root parameter is checked even though the copy is made of this project
     with smoke_project(smoke_source, keep=keep) as copy:
         get_run_logger().info("smoke project in %s (%s)", copy, "kept" if keep else "removed afterwards")
-        return _run(copy, dataset, overrides, action)
+        return _run(copy, dataset, overrides, action, mode)
 
 
 def main() -> None:

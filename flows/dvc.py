@@ -75,14 +75,15 @@ def stages(root: Path | str) -> list[str]:
 
 
 @task
-def run_stage(stage: str, root: str, upstream: bool = False) -> bool:
+def run_stage(stage: str, root: str, upstream: bool = False, extra_env: dict[str, str] | None = None) -> bool:
     """``dvc repro --single-item STAGE`` in ``root`` (``upstream``: with the stages it depends on), its output
-    streamed line by line to the flow log; True when the stage's command ran, False when DVC found it up to date."""
+    streamed line by line to the flow log; True when the stage's command ran, False when DVC found it up to date.
+    ``extra_env``: added to the stage's environment."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", stage, *([] if upstream else ["--single-item"])]
     tail: deque[str] = deque(maxlen=TAIL)
     ran = restored = False
-    with subprocess.Popen(cmd, cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    with subprocess.Popen(cmd, cwd=root, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1, errors="replace") as proc:
         for line in proc.stdout:  # universal newlines: a carriage-return progress update is a line too
             line = line.rstrip()

@@ -200,6 +200,16 @@ class Schedule(Section):
     timezone: str = Field(min_length=1)
 
 
+class Fanout(Section):
+    """How ``dg-pipeline`` runs the folds; read by the flows only (no stage), so it never changes an output."""
+
+    mode: Literal["local", "pool"]
+    pool: Name
+    deployment: Name
+    retries: Annotated[int, Field(ge=0)]
+    poll: Positive
+
+
 class Params(Section):
     """``params.yaml``, parsed and checked. ``base``: the folder relative dataset paths start from."""
 
@@ -211,6 +221,7 @@ class Params(Section):
     tune: Tune
     extend: Extend
     schedule: Schedule
+    fanout: Fanout
 
     def scoped(self, keys: Iterable[str], stage: str = "") -> Scoped:
         """A read-only view that allows only ``keys`` (dotted; a section allows everything under it)."""
