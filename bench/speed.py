@@ -16,6 +16,7 @@ with the load average and the cores other processes kept busy meanwhile (``detai
   (``bne.evaluate.bne_inference`` with ``eval.options``: the branches with the per-branch instance-statistics
   recorder, the distances, the weights, the ensemble) over S plain forwards of one branch (goal <= 1.1).
   Beside it: ``single_pass_vs_deepall`` and ``bne_inference_vs_deepall`` (against DeepAll's plain forward),
+  ``mixstats_vs_deepall`` (issue 19's one-forward statistics mixing, ``bne.mixing``, goal <= 1.3),
   and diagnostics of where BNE's time goes (the S x B batched forward; the branch forwards with three recorders:
   ``instance_stats`` as BNE runs it, a one-read floor, torch.compile's fused statistics unless ``--no-compile``).
 * ``stats_extraction_images_per_s``: ``bne.stats.population_stats`` over source train images.
@@ -48,6 +49,7 @@ import torch  # noqa: E402
 import _harness as H  # noqa: E402
 from bne.data import Augment, DomainArrays, build_cache, domain_batches, load_cache, load_folder_dataset, to_tensor  # noqa: E402
 from bne.evaluate import bne_inference, branch_chunk, plain_probs  # noqa: E402
+from bne.mixing import mixed_probs, mixstats_fn  # noqa: E402
 from bne.stats import instance_stats, population_stats, running_stats  # noqa: E402
 from bne.train import pick_device  # noqa: E402
 from tasks import params as P  # noqa: E402
@@ -80,7 +82,7 @@ def load_data(p: P.Params, params_dir: Path, cache: Path, synthetic: bool) -> tu
     if not synthetic:
         if root is not None and root.is_dir():
             ds = load_folder_dataset(root, P.resolve(params_dir, p.dataset.splits), p.dataset.val_fraction, seed=0)
-            out = build_cache(ds, res, cache / p.dataset.name / str(res), progress=False)
+            out = build_cache(ds, res, cache / p.dataset.name / str(res), progress=False, max_pixels=p.dataset.max_pixels)
             return load_cache(ds, out), ds.domains, len(ds.classes), f"{p.dataset.name} cached arrays ({out})"
         print(f"dataset root {root} not found: synthetic arrays instead", flush=True)
     arrays = synthetic_arrays(res)
@@ -206,6 +208,11 @@ def measure_inference(p: P.Params, bne_model, deep_model, embeddings, images, de
         plain_probs(deep_model, images[sl], batch, device)
         return sl.stop - sl.start
 
+    def mixstats(k):  # issue 19's variant 2b: one forward, each layer normalized with the image's weight-mixed statistics
+        sl = chunks[k]
+        mixed_probs(bne_model, images[sl], batch, device, lambda layers, allowed: mixstats_fn(layers, base.power, allowed))
+        return sl.stop - sl.start
+
     def branches_with(fn: Callable):  # S one-branch forwards, every layer input handed to fn
         @torch.no_grad()
         def side(k):
@@ -218,7 +225,7 @@ def measure_inference(p: P.Params, bne_model, deep_model, embeddings, images, de
         return side
 
     sides = {"bne": bne, "branch_forwards": branch_forwards, "batched_forward": batched_forward, "single_pass": single_pass,
-             "deepall": deepall, "recorder_eager": branches_with(instance_stats), "recorder_one_pass": branches_with(_mean_only)}
+             "deepall": deepall, "mixstats": mixstats, "recorder_eager": branches_with(instance_stats), "recorder_one_pass": branches_with(_mean_only)}
     if compile_stats:
         t0 = time.perf_counter()
         try:  # inductor needs a C++ compiler (CPU) or Triton (GPU); compiled once per process, every layer shape
@@ -249,6 +256,13 @@ def measure_inference(p: P.Params, bne_model, deep_model, embeddings, images, de
         "bne_inference_vs_deepall": H.ratio_entry(
             spi["bne"], spi["deepall"], None, f"reference: BNE time/image over DeepAll's ({s} branches)", cpu=(cpi["bne"], cpi["deepall"])
         ),
+        "mixstats_vs_deepall": H.ratio_entry(
+            spi["mixstats"], spi["deepall"], "<= 1.3",
+            "statistics mixing (bne.mixing.mixstats_fn, issue 19 variant 2b) time/image: one forward whose every BN layer "
+            f"normalizes each image with the mixture of the {s} domains' statistics weighted by its distances so far, "
+            "over DeepAll's plain forward",
+            cpu=(cpi["mixstats"], cpi["deepall"]),
+        ),
         "batched_forward_vs_branch_forwards": H.ratio_entry(
             spi["batched_forward"], spi["branch_forwards"], None,
             f"diagnostic: the {s} x {batch} batched forward alone (no recorder, no distances) over {s} plain branch forwards",
@@ -272,6 +286,7 @@ def measure_inference(p: P.Params, bne_model, deep_model, embeddings, images, de
     results["bne_inference_vs_branch_forwards"]["sides"] = f"bne {ms['bne']:.1f} / {s} branches {ms['branch_forwards']:.1f} ms/img"
     results["single_pass_vs_deepall"]["sides"] = f"single-pass {ms['single_pass']:.1f} / deepall {ms['deepall']:.1f} ms/img"
     results["bne_inference_vs_deepall"]["sides"] = f"bne {ms['bne']:.1f} / deepall {ms['deepall']:.1f} ms/img"
+    results["mixstats_vs_deepall"]["sides"] = f"mixstats {ms['mixstats']:.1f} / deepall {ms['deepall']:.1f} ms/img"
     results["batched_forward_vs_branch_forwards"]["sides"] = f"batched {ms['batched_forward']:.1f} / {s} branches {ms['branch_forwards']:.1f} ms/img"
     detail = {k: {**H.side_summary(v), "median_ms_per_image": round(ms[k], 2)} for k, v in runs.items()}
     return results, detail

@@ -25,6 +25,7 @@ from torch import nn
 from bne.data import to_tensor
 from bne.embedding import EPS, channel_terms
 from bne.norm.dsbn import DomainBatchNorm2d
+from bne.norm.simplex import SimplexBatchNorm2d
 from bne.stats import instance_stats
 
 #: (layer index, input (N, C, H, W)) -> per-sample (mean, var), each (N, C), that layer normalizes with.
@@ -36,7 +37,7 @@ def plain_norm_layers(model: nn.Module) -> list[nn.Module]:
     """The network's normalization layers in forward-definition order; refuses a layer that cannot mix."""
     layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, DomainBatchNorm2d))]
     for m in layers:
-        if type(m) not in (nn.BatchNorm2d, DomainBatchNorm2d):
+        if type(m) not in (nn.BatchNorm2d, DomainBatchNorm2d, SimplexBatchNorm2d):  # simplex: DSBN in eval mode
             raise ValueError(f"statistics mixing is defined for plain BN layers (model.norm: bn), not {type(m).__name__}")
         if getattr(m, "domain_affine", False):
             raise ValueError("statistics mixing needs shared affine parameters (model.domain_affine: false)")
@@ -98,9 +99,11 @@ def pooled_fn(layers: list[nn.Module], allowed: torch.Tensor | None = None) -> S
     """Variant 2a: the mixture of the (allowed) domains' running statistics, equal weights."""
 
     def fn(i: int, x: torch.Tensor):
-        mean, var = branch_stats(layers[i])
+        mean, var = (t.float() for t in branch_stats(layers[i]))
+        if mean.shape[0] == 1:  # a shared layer (model.domain_layers, or DeepAll): its own statistics
+            return mean.expand(x.shape[0], -1), var.expand(x.shape[0], -1)
         w = masked_weights(torch.zeros(x.shape[0], mean.shape[0], device=x.device), allowed)
-        return mixture(mean.float(), var.float(), w)
+        return mixture(mean, var, w)
 
     return fn
 
@@ -108,14 +111,18 @@ def pooled_fn(layers: list[nn.Module], allowed: torch.Tensor | None = None) -> S
 def mixstats_fn(layers: list[nn.Module], power: float, allowed: torch.Tensor | None = None) -> StatsFn:
     """Variant 2b: per image, the mixture weighted by D^-power, D the mean W2 distance of the image's instance
     statistics to each domain's over the layers so far (this one included). One forward instead of S."""
-    total: dict[str, torch.Tensor] = {}
+    total: dict[str, torch.Tensor | int] = {}
 
     def fn(i: int, x: torch.Tensor):
         mean, var = (t.float() for t in branch_stats(layers[i]))
+        if i == 0:
+            total.clear()
+        if mean.shape[0] == 1:  # a shared layer: its own statistics, no distance
+            return mean.expand(x.shape[0], -1), var.expand(x.shape[0], -1)
         mu_x, sd_x = instance_stats(x)
-        d = w2_terms(mu_x, sd_x, mean, var)
-        total["sum"] = d if i == 0 else total["sum"] + d
-        w = masked_weights(-power * torch.log((total["sum"] / (i + 1)).clamp_min(EPS)), allowed)
+        total["sum"] = w2_terms(mu_x, sd_x, mean, var) + total.get("sum", 0)
+        total["n"] = total.get("n", 0) + 1
+        w = masked_weights(-power * torch.log((total["sum"] / total["n"]).clamp_min(EPS)), allowed)
         return mixture(mean, var, w)
 
     return fn
@@ -126,7 +133,7 @@ def alpha_fn(layers: list[nn.Module], domain: int, alpha: float, early: int) -> 
     image's own instance statistics (as a two-component mixture); later layers use the branch's statistics."""
 
     def fn(i: int, x: torch.Tensor):
-        mean, var = (t.float()[domain] for t in branch_stats(layers[i]))
+        mean, var = (t.float()[domain if t.dim() == 2 and t.shape[0] > 1 else 0] for t in branch_stats(layers[i]))
         n = x.shape[0]
         if i >= early or alpha == 0:
             return mean.expand(n, -1), var.expand(n, -1)
@@ -152,7 +159,7 @@ def mixed_probs(model: nn.Module, images: np.ndarray, batch: int, device: torch.
     """
     model.eval()
     layers = plain_norm_layers(model)
-    s = branch_stats(layers[0])[0].shape[0]
+    s = max(branch_stats(m)[0].shape[0] for m in layers)
     out = []
     for start in range(0, len(images), batch):
         x = to_tensor(images[start : start + batch]).to(device)
@@ -171,7 +178,7 @@ def alpha_branch_probs(model: nn.Module, images: np.ndarray, batch: int, device:
     """Every branch's class probabilities (S, N, K) with :func:`alpha_fn` (DeepAll: S = 1)."""
     model.eval()
     layers = plain_norm_layers(model)
-    s = branch_stats(layers[0])[0].shape[0]
+    s = max(branch_stats(m)[0].shape[0] for m in layers)
     per = []
     for d in range(s):
         out = []

@@ -18,11 +18,12 @@ from bne.norm import (
     ProxyNorm2d,
 )
 from bne.norm.dsbn import DomainBatchNorm2d, Recorder, domain_norm_layers, domain_route
+from bne.norm.simplex import SimplexBatchNorm2d
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
 #: Domain-specific normalization layers (docs/NORMS.md): DSBN, Batch Group Norm, Cross-Iteration BN,
-#: Memorized BN, Instance-Enhancement BN, Proxy Norm (after GroupNorm).
-NORMS = ("bn", "bgn", "cbn", "mbn", "iebn", "proxynorm")
+#: Memorized BN, Instance-Enhancement BN, Proxy Norm (after GroupNorm), simplex BN (bne/norm/simplex.py, issue 19).
+NORMS = ("bn", "bgn", "cbn", "mbn", "iebn", "proxynorm", "simplex")
 #: The activation following the backbone's normalization layers: Proxy Norm's phi.
 ACTIVATION = {"efficientnet_lite0": "relu6", "resnet18": "relu", "resnet50": "relu"}
 
@@ -52,15 +53,20 @@ class ModelSpec:
     dropout: float
     drop_connect: float
     norm: str  # domain-specific normalization layer, one of NORMS
+    domain_layers: str | int  # "all": every BN layer domain-specific; k: only those of the first k stages (the rest shared)
     norm_groups: int  # bgn: groups G of the batch statistics; proxynorm: GroupNorm groups (gcd with C)
     cbn_window: int  # cbn: iterations averaged, the current one included (k; the authors' buffer of 3)
     cbn_burnin: int  # cbn: plain BN for a domain's first iterations, before cross-iteration statistics
     mbn_window: int  # mbn: batches pooled, the current one included (k)
     proxy_eps: float  # proxynorm: epsilon of the proxy variance
+    simplex_concentration: float  # simplex: Dirichlet concentration of the mixture weights (1: uniform on the simplex)
+    simplex_leave_out: float  # simplex: probability that a chunk's own domain is left out of its mixture
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if self.domain_layers != "all" and not (isinstance(self.domain_layers, int) and self.domain_layers >= 1):
+            raise ValueError(f"model.domain_layers = {self.domain_layers!r}: 'all' or a number of stages >= 1")
 
 
 def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -142,6 +148,10 @@ def domain_norm(
         return MemorizedBatchNorm2d.from_batchnorm(bn, window=spec.mbn_window, **common)
     if spec.norm == "iebn":
         return InstanceEnhancementBatchNorm2d.from_batchnorm(bn, **common)
+    if spec.norm == "simplex":
+        return SimplexBatchNorm2d.from_batchnorm(
+            bn, concentration=spec.simplex_concentration, leave_out=spec.simplex_leave_out, **common
+        )
     if spec.norm == "proxynorm":
         return ProxyNorm2d.from_batchnorm(
             bn, groups=spec.norm_groups, activation=ACTIVATION.get(spec.backbone, "relu"), proxy_eps=spec.proxy_eps, **common
@@ -149,11 +159,12 @@ def domain_norm(
     raise ValueError(f"unknown norm {spec.norm!r}; choose one of {NORMS}")
 
 
-def convert_to_domain_specific(net: nn.Module, num_domains: int, spec: ModelSpec) -> nn.Module:
+def convert_to_domain_specific(net: nn.Module, num_domains: int, spec: ModelSpec, only: set[int] | None = None) -> nn.Module:
     """Replace every BatchNorm2d of ``net`` (in place) by a domain-specific layer starting from its state.
 
     The layer type, its hyper-parameters and ``domain_affine`` come from ``spec`` (``norm: bn``: DSBN). Each
     layer's ``source`` (used by CBN) is the last Conv2d before it in module order with matching output channels.
+    ``only``: the ids of the BatchNorm2d modules to convert (:func:`domain_specific_bns`); the others stay shared.
     """
     domain_affine = spec.domain_affine
     last_conv: nn.Conv2d | None = None
@@ -162,7 +173,7 @@ def convert_to_domain_specific(net: nn.Module, num_domains: int, spec: ModelSpec
         nonlocal last_conv
         for name, child in module.named_children():
             full = f"{prefix}{name}"
-            if isinstance(child, nn.BatchNorm2d):
+            if isinstance(child, nn.BatchNorm2d) and (only is None or id(child) in only):
                 source = last_conv if last_conv is not None and last_conv.out_channels == child.num_features else None
                 setattr(module, name, domain_norm(child, num_domains, domain_affine, spec, source))
                 getattr(module, name).layer_name = full
@@ -184,6 +195,16 @@ def stages(net: nn.Module, backbone: str) -> list[list[nn.Module]]:
     return [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
 
 
+def domain_specific_bns(net: nn.Module, spec: ModelSpec) -> set[int] | None:
+    """The BatchNorm2d modules (ids) of the first ``spec.domain_layers`` stages; None for ``all`` (every one)."""
+    if spec.domain_layers == "all":
+        return None
+    parts = stages(net, spec.backbone)
+    if spec.domain_layers > len(parts):
+        raise ValueError(f"model.domain_layers = {spec.domain_layers}: {spec.backbone} has {len(parts)} stages")
+    return {id(m) for part in parts[: spec.domain_layers] for top in part for m in top.modules() if isinstance(m, nn.BatchNorm2d)}
+
+
 def classifier(net: nn.Module, backbone: str) -> nn.Module:
     return net._fc if backbone == "efficientnet_lite0" else net.fc
 
@@ -191,7 +212,8 @@ def classifier(net: nn.Module, backbone: str) -> nn.Module:
 class DGNet(nn.Module):
     """A backbone plus input normalization; domain-specific when ``spec.domains`` is not empty.
 
-    The normalization layers are ``spec.norm`` (one of NORMS). DeepAll (no domains) keeps the backbone's
+    The normalization layers are ``spec.norm`` (one of NORMS); with ``spec.domain_layers`` = k only those of the first
+    k stages are domain-specific, the later ones stay shared BatchNorm2d that normalize the mixed batch (as DeepAll's). DeepAll (no domains) keeps the backbone's
     BatchNorm2d for ``bn``; other norms get one-domain layers of that type, every sample in domain 0.
 
     ``forward(x, domains)``: ``x`` holds images scaled to [0, 1]; ``domains`` gives the domain index of
@@ -203,7 +225,7 @@ class DGNet(nn.Module):
         self.spec = spec
         net = build_backbone(spec)
         if spec.domains:
-            convert_to_domain_specific(net, len(spec.domains), spec)
+            convert_to_domain_specific(net, len(spec.domains), spec, domain_specific_bns(net, spec))
         elif spec.norm != "bn":  # DeepAll with the same layer type: one domain, every sample routed to it
             convert_to_domain_specific(net, 1, spec)
         self.net = net

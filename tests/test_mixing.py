@@ -113,3 +113,19 @@ def test_refuses_layers_that_cannot_mix():
         plain_norm_layers(DGNet(spec(backbone="resnet18", weights="none", num_classes=3, domains=("a", "b"), norm="cbn")))
     with pytest.raises(ValueError, match="domain_affine"):
         plain_norm_layers(DGNet(spec(backbone="resnet18", weights="none", num_classes=3, domains=("a", "b"), domain_affine=True)))
+
+
+def test_mixing_keeps_shared_layers_as_trained(images):
+    """With model.domain_layers = k the shared layers keep their own statistics: one allowed domain is that branch."""
+    torch.manual_seed(0)
+    model = DGNet(spec(backbone="resnet18", weights="none", num_classes=3, domains=("a", "b"), domain_layers=2))
+    model.train()
+    with torch.no_grad():
+        model(torch.cat([torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32) * 2]), domains=[0, 1])
+    model.eval()
+    own = np.zeros(len(images), dtype=np.int64)
+    for fn in (lambda L, a: mixstats_fn(L, 1.0, ~a), lambda L, a: pooled_fn(L, ~a)):  # only domain 0 allowed
+        torch.testing.assert_close(mixed_probs(model, images, 4, CPU, fn, own=own), branch_probs(model, images, 0),
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alpha_branch_probs(model, images, 4, CPU, 0.0, 3)[1], branch_probs(model, images, 1),
+                               rtol=1e-4, atol=1e-5)

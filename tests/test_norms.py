@@ -20,6 +20,7 @@ from bne.norm import (
     InstanceEnhancementBatchNorm2d,
     MemorizedBatchNorm2d,
     ProxyNorm2d,
+    SimplexBatchNorm2d,
     domain_norm_layers,
     domain_route,
     double_forward,
@@ -589,6 +590,7 @@ LAYER = {
     "mbn": MemorizedBatchNorm2d,
     "iebn": InstanceEnhancementBatchNorm2d,
     "proxynorm": ProxyNorm2d,
+    "simplex": SimplexBatchNorm2d,
 }
 
 

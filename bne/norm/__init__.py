@@ -14,6 +14,7 @@ from bne.norm.dsbn import (
 from bne.norm.iebn import InstanceEnhancementBatchNorm2d
 from bne.norm.mbn import MemorizedBatchNorm2d, double_forward
 from bne.norm.proxynorm import ProxyNorm2d
+from bne.norm.simplex import SimplexBatchNorm2d
 
 __all__ = [
     "MEAN_DOMAIN",
@@ -23,6 +24,7 @@ __all__ = [
     "InstanceEnhancementBatchNorm2d",
     "MemorizedBatchNorm2d",
     "ProxyNorm2d",
+    "SimplexBatchNorm2d",
     "SyncBatchNorm2d",
     "convert_sync_batchnorm",
     "distributed_refusal",

@@ -35,7 +35,9 @@ from tasks import params as P
 
 ROOT = Path(__file__).resolve().parents[3]
 #: Training variants: overrides of params.yaml (each trains DeepAll and BNE in its own cells).
-TRAINING = {"paper": [], "ensemble0.1": ["train.ensemble_loss=0.1", "train.ensemble_own_out=true"]}
+TRAINING = {"paper": [], "ensemble0.1": ["train.ensemble_loss=0.1", "train.ensemble_own_out=true"],
+            "domain_layers9": ["model.domain_layers=9"],  # the stem + the first 8 MBConv blocks of Lite0
+            "simplex": ["model.norm=simplex"]}  # model.simplex_*: Dirichlet(1) mixtures, own domain out w.p. 0.5
 #: Inference-only variants of every training variant (definitions fixed in docs/results/pacs-study.md):
 #: options re-scored from the saved outputs, and statistics mixing (bne/mixing.py) on the saved checkpoints.
 POWER2 = {"power": 2.0}
@@ -128,8 +130,8 @@ def post_cell(out: Path, reports: Path, variant: str, seed: int, target: str, p,
     names = [a.name for a in srcs]
     cpu, batch = torch.device("cpu"), p.eval.batch
     opts = p.eval.options.options()
-    tgt_out = BranchOutputs.load(paths.eval(seed) / "target_outputs.npz")
-    val_out = BranchOutputs.load(paths.embed(seed) / "val_outputs.npz")
+    tgt_out = BranchOutputs.load(paths.eval(seed) / "target_outputs.npz", "evaluate")
+    val_out = BranchOutputs.load(paths.embed(seed) / "val_outputs.npz", "embed")
     val_dom = torch.from_numpy(np.load(paths.embed(seed) / "val_domains.npy", allow_pickle=False))
     val_images, val_labels, _ = source_val(srcs)
     val_labels = torch.as_tensor(val_labels)
