@@ -16,15 +16,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from bne.io import atomic_write, save_npy
+from bne.io import atomic_write, load_npy, save_npy
 from bne.progress import progress as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: Pillow modes that convert to RGB without losing the picture (alpha is dropped, a palette expanded). 16-bit and
 #: floating-point modes (``I;16``, ``I``, ``F``) do not: ``convert("RGB")`` clips them to a white image.
 RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
-#: The largest image accepted (width x height), read from the header before any decoding (ingest, cache, predict).
-MAX_PIXELS = 8192 * 8192
+#: The largest image accepted (width x height) is the caller's ``max_pixels`` (``dataset.max_pixels`` of the
+#: pipeline), read from the header before any decoding: ingest, cache, validation and predict apply the same rule.
 #: JPEGs above this many pixels are decoded at a reduced scale (libjpeg's DCT scaling, ``Image.draft``), never in full.
 DRAFT_PIXELS = 4096 * 4096
 #: How the cache decodes: part of its key, so a change re-decodes every image.
@@ -203,35 +203,40 @@ def load_folder_dataset(
     return FolderDataset(root, domains, classes, samples, fixes)
 
 
-def check_pixels(width: int, height: int, where: str) -> None:
-    """Refuse an image above :data:`MAX_PIXELS` before it is decoded."""
-    if width * height > MAX_PIXELS:
+def pixel_limit(max_pixels: int) -> str:
+    """How errors name the limit."""
+    return f"the maximum of {max_pixels} pixels (dataset.max_pixels)"
+
+
+def check_pixels(width: int, height: int, where: str, max_pixels: int) -> None:
+    """Refuse an image above ``max_pixels`` (width x height) before it is decoded."""
+    if width * height > max_pixels:
         head = f"{where}: " if where else ""
-        raise ValueError(f"{head}{width}x{height} = {width * height} pixels, above bne.data.MAX_PIXELS = {MAX_PIXELS}")
+        raise ValueError(f"{head}{width}x{height} = {width * height} pixels, above {pixel_limit(max_pixels)}")
 
 
-def open_image(data: bytes, where: str) -> Image.Image:
-    """An image from its bytes, header read only; refused above :data:`MAX_PIXELS`; large JPEGs set to draft.
+def open_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """An image from its bytes, header read only; refused above ``max_pixels`` before any decoding.
 
     ``where`` names the file in errors. The caller closes it (``with``).
     """
     im = Image.open(io.BytesIO(data))
     try:
-        check_pixels(im.width, im.height, where)
+        check_pixels(im.width, im.height, where, max_pixels)
     except ValueError:
         im.close()
         raise
     return im
 
 
-def decode_bytes(data: bytes, size: int, where: str) -> np.ndarray:
+def decode_bytes(data: bytes, size: int, where: str, *, max_pixels: int) -> np.ndarray:
     """Decode an image's bytes to RGB resized to ``size`` x ``size`` (uint8 HWC). Errors are one line naming ``where``.
 
-    Refused: a mode without a faithful RGB conversion (16-bit, float), more than :data:`MAX_PIXELS` pixels.
+    Refused: a mode without a faithful RGB conversion (16-bit, float), more than ``max_pixels`` pixels.
     A JPEG above :data:`DRAFT_PIXELS` is decoded at the smallest DCT scale that still covers ``size``.
     """
     try:
-        with open_image(data, where) as im:
+        with open_image(data, where, max_pixels) as im:
             if im.mode not in RGB_MODES:
                 raise ValueError(f"mode {im.mode} (16-bit or floating-point) has no faithful RGB conversion; save it as 8-bit")
             if im.format == "JPEG" and im.width * im.height > DRAFT_PIXELS:
@@ -241,17 +246,17 @@ def decode_bytes(data: bytes, size: int, where: str) -> np.ndarray:
     except Exception as e:  # PIL raises many types; the caller needs the file name
         msg = str(e).removeprefix(f"{where}: ") if not isinstance(e, UnidentifiedImageError) else "not an image format Pillow reads"
         if isinstance(e, Image.DecompressionBombError):  # Pillow's own limit (2 x its MAX_IMAGE_PIXELS), above ours
-            msg += f" (above bne.data.MAX_PIXELS = {MAX_PIXELS} too)"
+            msg += f" (above {pixel_limit(max_pixels)} too)"
         raise ValueError(f"cannot decode image {where}: {msg}") from None
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int, *, max_pixels: int) -> np.ndarray:
     """Decode an image file to RGB and resize it to ``size`` x ``size`` (uint8 HWC). Errors name the file."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
-    return decode_bytes(data, size, str(path))
+    return decode_bytes(data, size, str(path), max_pixels=max_pixels)
 
 
 def _sha256(path: Path) -> str:
@@ -316,13 +321,14 @@ def _old_rows(out_dir: Path, old: dict | None, size: int) -> dict[str, tuple[np.
 
 
 def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers: int = 4, progress: bool = True,
-                verify: bool = False) -> Path:
+                verify: bool = False, *, max_pixels: int) -> Path:
     """Decode every image once into ``out_dir/<domain>.npy`` (N, size, size, 3) uint8, rows in sample order.
 
     Content-addressed: ``index.json`` keys each row on the image's SHA-256 (the manifest's) and the decoding
     (``size``, :data:`DECODE`). A row whose key is in the previous cache is copied from it, any other image is
     decoded (and its bytes checked against the manifest's hash); a complete cache with the same index is reused
-    as it is. ``verify``: re-hash every source file first, refusing any that changed since ingest.
+    as it is. ``verify``: re-hash every source file first, refusing any that changed since ingest. ``max_pixels``:
+    the decode rules' limit (:func:`decode_bytes`; it refuses, it never changes pixels, so it is not part of the key).
     Written atomically: the old index goes before the first array is replaced and the new one comes last, so a killed
     run leaves either the previous cache whole or no index (the next run decodes everything).
     """
@@ -347,7 +353,7 @@ def build_cache(dataset: FolderDataset, size: int, out_dir: Path | str, workers:
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha:
             raise _changed(str(dataset.root / path), sha, actual)
-        return decode_bytes(data, size, str(dataset.root / path))
+        return decode_bytes(data, size, str(dataset.root / path), max_pixels=max_pixels)
 
     with ThreadPoolExecutor(workers) as pool:
         for dom, entry in index["domains"].items():
@@ -414,7 +420,7 @@ def load_cache(dataset: FolderDataset, cache_dir: Path | str, skip: Sequence[str
         if stale or len(entry.get("paths", [])) != len(samples):
             where = f" (first difference: {stale})" if stale else ""
             raise ValueError(f"{cache_dir}: domain {d}'s cache holds other images than the manifest{where}; rebuild the cache (`bne cache`)")
-        images = np.load(cache_dir / f"{d}.npy", mmap_mode="r")
+        images = load_npy(cache_dir / f"{d}.npy", "image cache", "cache", mmap_mode="r")
         if images.shape[0] != len(samples):
             raise ValueError(f"{cache_dir / (d + '.npy')}: {images.shape[0]} rows for {len(samples)} samples; rebuild the cache")
         split = np.array([s.split for s in samples])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from bne.embedding import (
     layer_mean_matrix,
     per_layer_distances,
 )
-from bne.io import atomic_call
+from bne.io import atomic_call, torn
 from bne.model import DGNet
 from bne.norm.dsbn import MEAN_DOMAIN
 from bne.progress import progress
@@ -50,13 +50,16 @@ class BranchOutputs:
         atomic_call(path, write)
 
     @classmethod
-    def load(cls, path) -> BranchOutputs:
+    def load(cls, path, stage: str) -> BranchOutputs:
+        """The file ``stage`` wrote; missing, torn or without the arrays: one line naming it and the stage."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: missing branch outputs; run the {stage} stage first")
         try:
             with np.load(path, allow_pickle=False) as z:
                 dists = {tuple(k.split("/")[1:]): torch.from_numpy(z[k]) for k in z.files if k.startswith("dist/")}
                 return cls(torch.from_numpy(z["probs"]), torch.from_numpy(z["labels"]), dists)
-        except (zipfile.BadZipFile, KeyError, EOFError) as e:
-            raise ValueError(f"{path}: not a complete branch-outputs file ({e}); rerun the stage that writes it") from None
+        except Exception as e:  # noqa: BLE001 - BadZipFile, KeyError, EOFError, zlib.error, ValueError...
+            raise torn(path, "branch-outputs file", stage, e) from None
 
 
 def _batches(n: int, batch: int):

@@ -5,8 +5,8 @@ Rows (in domain, class, path order): ``path`` (relative to the source, POSIX), `
 ``mode`` (as stored; null when the file does not decode), ``converted`` (e.g. ``"CMYK->RGB"``, empty when already
 RGB) and ``error`` (why the file does not decode, empty when it does). Bad images are recorded, not fatal: the
 validation stage fails on them, naming the file. So are odd files: a name that is not UTF-8 or holds a backslash
-(the row's path shows it printable), an image above ``bne.data.MAX_PIXELS`` (refused from its header, never
-decoded); a JPEG above ``bne.data.DRAFT_PIXELS`` is checked at 1/8 scale.
+(the row's path shows it printable), an image above ``max_pixels`` (``dataset.max_pixels``: refused from its
+header, never decoded); a JPEG above ``bne.data.DRAFT_PIXELS`` is checked at 1/8 scale.
 
 After validation, :func:`dataset_from_manifest` is the one loader: it requires the validation record beside the
 copy (:func:`write_validation_record`: the copy's SHA-256) and re-checks the rows the stages rely on.
@@ -38,13 +38,13 @@ from PIL.Image import DecompressionBombError
 
 from bne.data import (
     DRAFT_PIXELS,
-    MAX_PIXELS,
     RGB_MODES,  # noqa: F401  (re-exported: validation checks the recorded modes against it)
     FolderDataset,
     Sample,
     load_folder_dataset,
     name_problem,
     open_image,
+    pixel_limit,
     printable,
     read_split_file,
     safe_relpath,
@@ -88,10 +88,10 @@ class ImageFacts:
     error: str
 
 
-def inspect_image(path: Path) -> ImageFacts:
+def inspect_image(path: Path, max_pixels: int) -> ImageFacts:
     """Hash a file and decode it fully (truncation shows only then); decode errors are returned, not raised.
 
-    An image above ``bne.data.MAX_PIXELS`` is refused from its header, never decoded; a JPEG above
+    An image above ``max_pixels`` is refused from its header, never decoded; a JPEG above
     ``bne.data.DRAFT_PIXELS`` is decoded at 1/8 scale (every byte of it is still read). Size and mode are the file's.
     """
     try:
@@ -100,7 +100,7 @@ def inspect_image(path: Path) -> ImageFacts:
         return ImageFacts("", 0, None, None, None, "", f"cannot read the file: {e.strerror or e}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with open_image(data, "") as im:
+        with open_image(data, "", max_pixels) as im:
             width, height, mode = im.width, im.height, im.mode
             if im.format == "JPEG" and width * height > DRAFT_PIXELS:
                 im.draft(None, (max(1, width // 8), max(1, height // 8)))
@@ -114,7 +114,7 @@ def inspect_image(path: Path) -> ImageFacts:
     except Exception as e:  # Pillow raises many types; the manifest records which
         error = f"{type(e).__name__}: {e}"
         if isinstance(e, DecompressionBombError):  # Pillow's own limit, above ours
-            error += f" (above bne.data.MAX_PIXELS = {MAX_PIXELS} too)"
+            error += f" (above {pixel_limit(max_pixels)} too)"
     return ImageFacts(digest, len(data), None, None, None, "", error)
 
 
@@ -201,10 +201,12 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
     domains: list[str] | None = None,
+    *,
+    max_pixels: int,
 ) -> dict:
     """Write ``out_dir/manifest.parquet`` and ``out_dir/ingest_report.json``; returns the report.
 
-    ``sums`` defaults to ``SHA256SUMS`` in ``source`` or its parent, when there is one. ``domains``: only
+    ``max_pixels``: larger images are row errors, refused from their header (``dataset.max_pixels``). ``sums`` defaults to ``SHA256SUMS`` in ``source`` or its parent, when there is one. ``domains``: only
     these domains of ``source`` (for example new ones), with labels still indexed over every class of ``source``.
     """
     source, out_dir = Path(source), Path(out_dir)
@@ -223,7 +225,7 @@ def ingest(
         raise FileNotFoundError(f"checksum file not found: {sums_file}")
     listed = read_sums(sums_file, source) if sums_file else None
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        it = pool.map(lambda rel: inspect_image(source / rel), paths)
+        it = pool.map(lambda rel: inspect_image(source / rel, max_pixels), paths)
         facts = list(progress_bar(it, total=len(paths), desc="ingest", unit="img", enabled=progress))
     digests = {p: f.sha256 for p, f in zip(paths, facts)}
     checksums = verify_sums(sums_file, listed, digests, source) if listed is not None else None
@@ -278,7 +280,8 @@ def read_manifest_meta(manifest: Path | str) -> dict:
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow's errors do not name the file
-        raise ValueError(f"{manifest}: not a Parquet manifest ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{manifest}: not a Parquet manifest ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "rerun the ingest stage") from None
     if META_KEY not in meta:
         raise ValueError(f"{manifest}: no 'bne' metadata; not a manifest written by `bne ingest`")
     try:

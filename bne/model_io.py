@@ -19,7 +19,7 @@ def load_model(spec: ModelSpec, path: Path | str, device: torch.device) -> DGNet
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a crafted or torn file: name it, no traceback
-        raise ValueError(f"{path}: not a loadable state dict ({_one_line(e)})") from None
+        raise ValueError(f"{path}: not a loadable state dict ({_one_line(e)}); rerun the stage that wrote it") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
     try:
@@ -40,7 +40,7 @@ def model_with_stats(spec: ModelSpec, model_path: Path | str, stats_path: Path |
 
     Returns the model and ``{kind: DomainStats}`` (the embeddings) read from the same file, for ``seed``.
     """
-    _, kinds, domains = read_stats_table(str(stats_path), seed=seed)
+    _, kinds, domains = read_stats_table(str(stats_path), seed=seed, stage="stats")
     if list(domains) != list(spec.domains):
         raise ValueError(f"{stats_path}: domains {domains} differ from the model's {list(spec.domains)}")
     model = load_model(spec, model_path, device)

@@ -26,7 +26,7 @@ from bne.evaluate import (
     branch_chunk,
     options_from_dict,
 )
-from bne.io import atomic_torch_save, file_sha256, read_json, write_json, write_parquet
+from bne.io import atomic_torch_save, file_sha256, read_json, read_parquet, write_json, write_parquet
 from bne.model import DGNet, ModelSpec
 from bne.model_io import load_model
 from bne.stats import (
@@ -78,7 +78,8 @@ class Predictor:
         for name in ("model.json", "model.pt", "stats.parquet"):
             if not (self.dir / name).is_file():
                 raise FileNotFoundError(f"{self.dir / name}: missing; train the final model first (`dvc repro final`)")
-        self.info = read_json(self.dir / "model.json", "model description")
+        stage = "extend" if "extend" in self.dir.resolve().parts else "final"  # the stage that wrote the folder
+        self.info = read_json(self.dir / "model.json", "model description", stage)
         try:
             spec = self.info["spec"]
             spec = ModelSpec(**{**spec, "domains": tuple(spec["domains"]), "weights": "none"})  # the weights come from model.pt
@@ -86,7 +87,7 @@ class Predictor:
             raise ValueError(f"{self.dir / 'model.json'}: not a model description ({type(e).__name__}: {e})") from None
         self.device = device or pick_device()
         self.model = load_model(spec, self.dir / "model.pt", self.device)  # weights_only; a crafted file is one line
-        _, self.embeddings, domains = read_stats_table(str(self.dir / "stats.parquet"))
+        _, self.embeddings, domains = read_stats_table(str(self.dir / "stats.parquet"), stage=stage)
         if domains != list(spec.domains):
             raise ValueError(f"{self.dir}/stats.parquet: domains {domains} differ from the model's {list(spec.domains)}")
         self.options: InferenceOptions = options_from_dict(self.info["options"])
@@ -105,18 +106,18 @@ class Predictor:
         return bne_inference(self.model, images, self.embeddings[self.options.embedding], self.options, self.batch, self.device,
                              chunk=branch_chunk("auto", self.batch, self.device))
 
-    def predict_files(self, files: list[Path], chunk: int = CHUNK) -> tuple[list[dict], list[dict]]:
+    def predict_files(self, files: list[Path], *, max_pixels: int, chunk: int = CHUNK) -> tuple[list[dict], list[dict]]:
         """Per decodable file: class, probability, weight per domain; and the files that did not decode.
 
         Files are decoded ``chunk`` at a time (the ingest rules: 16-bit and float modes and images above
-        ``bne.data.MAX_PIXELS`` are refused with the reason), so a folder is never held in memory at once.
+        ``max_pixels`` (``dataset.max_pixels``) are refused with the reason), so a folder is never held in memory at once.
         """
         rows, errors = [], []
         for start in range(0, len(files), chunk):
             images, kept = [], []
             for f in files[start : start + chunk]:
                 try:
-                    images.append(decode_image(f, self.info["resolution"]))
+                    images.append(decode_image(f, self.info["resolution"], max_pixels=max_pixels))
                     kept.append(f)
                 except ValueError as e:
                     errors.append({"file": str(f), "error": str(e)})
@@ -187,7 +188,7 @@ def extend_with_domain(
         same = torch.equal(nv[:s], v) if nv.shape != v.shape else torch.equal(nv, v)
         if not same:
             raise RuntimeError(f"extending changed an earlier branch: {k}")
-    tables = [pq.read_table(Path(model_dir) / "stats.parquet")]
+    tables = [read_parquet(Path(model_dir) / "stats.parquet", "statistics file", "final")]
     names = pred.domains
     stand_in = [arrays] * len(names)  # only the new index is read (``only``)
     tables += stats_tables(pred.model, stand_in, names, pred.info["dataset"], pred.batch, pred.device, only=s)
@@ -218,4 +219,4 @@ def _embeddings_from(tables: list[pa.Table]):
     buf = io.BytesIO()
     pq.write_table(pa.concat_tables(tables), buf)
     buf.seek(0)
-    return read_stats_table(buf)
+    return read_stats_table(buf, stage="extend")

@@ -187,15 +187,33 @@ def stats_table(stats: Iterable[DomainStats], domains: list[str], **columns: str
     return out
 
 
-def read_stats_table(path: str, seed: int | None = None) -> tuple[dict, dict[str, DomainStats], list[str]]:
+def read_stats_table(path, seed: int | None = None, *, stage: str) -> tuple[dict, dict[str, DomainStats], list[str]]:
     """A ``stats.parquet`` back as (schema metadata, {kind: DomainStats}, domains).
 
-    Files with a ``seed`` column hold one model per seed: ``seed`` picks one (default: the first).
+    Files with a ``seed`` column hold one model per seed: ``seed`` picks one (default: the first). ``stage``: the
+    stage that writes the file; a torn file, or one without the statistics columns, is one line naming both.
     """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    from bne.io import one_line, read_parquet
 
-    table = pq.read_table(path)
+    table = read_parquet(path, "statistics file", stage)
+    missing = [c for c in STATS_COLUMNS if c not in table.column_names]
+    if missing or table.num_rows == 0:
+        problem = f"no column(s) {missing}" if missing else "no rows"
+        raise ValueError(f"{path}: not a statistics file ({problem}); rerun the {stage} stage")
+    try:
+        return _stats_from(table, path, seed)
+    except (KeyError, IndexError, ValueError, TypeError, UnicodeDecodeError) as e:
+        if str(e).startswith(f"{path}: "):  # our own (a seed it does not hold)
+            raise
+        raise ValueError(f"{path}: not a statistics file ({one_line(e)}); rerun the {stage} stage") from None
+
+
+STATS_COLUMNS = ("domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind")
+
+
+def _stats_from(table, path, seed: int | None) -> tuple[dict, dict[str, DomainStats], list[str]]:
+    import pyarrow.compute as pc
+
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if "seed" in table.column_names:
         seeds = list(dict.fromkeys(table.column("seed").to_pylist()))
@@ -204,7 +222,7 @@ def read_stats_table(path: str, seed: int | None = None) -> tuple[dict, dict[str
         if seed not in seeds:
             raise ValueError(f"{path}: no statistics for seed {seed} (seeds {seeds})")
         table = table.filter(pc.equal(table.column("seed"), seed))
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("domain", "layer", "layer_index", "channel", "mean", "var", "count", "kind")}
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in STATS_COLUMNS}
     domains = list(dict.fromkeys(cols["domain"].tolist()))
     out = {}
     for kind in dict.fromkeys(cols["kind"].tolist()):

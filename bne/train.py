@@ -34,7 +34,7 @@ from bne.embedding import (
     layer_mean_matrix,
     per_layer_distances,
 )
-from bne.io import atomic_torch_save
+from bne.io import atomic_torch_save, one_line
 from bne.model import DGNet, ModelSpec, classifier, stages
 from bne.norm.dsbn import convert_sync_batchnorm, distributed_refusal, world_size
 from bne.norm.mbn import double_forward
@@ -387,7 +387,11 @@ def train(
     ckpt = out_dir / "last.pt"
     state = None
     if me == 0 and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device if world == 1 else "cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt, map_location=device if world == 1 else "cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: name it, no traceback
+            raise ValueError(f"{ckpt}: not a loadable checkpoint ({one_line(e)}); delete it to train this model from "
+                             "scratch (rerun the train stage)") from None
     if world > 1:  # rank 0's checkpoint: the other ranks' machines need not see out_dir
         state = _broadcast_object(state)
     if state is not None:

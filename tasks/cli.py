@@ -42,6 +42,25 @@ def _stage(name: str, params: Path, set_: list[str] | None, root: Path):
         _fail(e)
 
 
+def _max_pixels(given: int | None, params: Path, set_: list[str] | None, stage: str) -> int:
+    """``--max-pixels``, else the params file's ``dataset.max_pixels``; neither: one line saying what to give."""
+    if given is not None:
+        if given < 1:
+            _fail(ValueError(f"--max-pixels {given}: must be a positive number of pixels (width x height)"))
+        return given
+    if not params.is_file():
+        _fail(ValueError(f"no {params}: give --max-pixels (the largest image to decode, width x height)"))
+    if stage:
+        return _stage(stage, params, set_, Path("."))[1].dataset.max_pixels
+    try:
+        return params_mod.load(params, set_ or []).dataset.max_pixels
+    except (ValueError, OSError) as e:
+        _fail(e)
+
+
+MAX_PIXELS = typer.Option(None, "--max-pixels", help="with SOURCE/MANIFEST: largest image decoded, width x height (default: dataset.max_pixels of --params)")
+
+
 def _run(fn):
     """Run a stage; an expected failure (bad input, missing artifact) becomes one clear line and exit 1."""
     try:
@@ -58,6 +77,7 @@ def ingest(
     sums: Path = typer.Option(None, help="with SOURCE: SHA256SUMS to verify (default: SOURCE/SHA256SUMS or SOURCE/../SHA256SUMS)"),
     name: str = typer.Option(None, help="with SOURCE: dataset name (default: SOURCE's folder name, its parent's for 'images')"),
     val_fraction: float = typer.Option(0.1, help="with SOURCE and no split files: validation fraction of the stratified split"),
+    max_pixels: int = MAX_PIXELS,
     params: Path = PARAMS, set_: list[str] = SET, root: Path = ROOT, progress: bool = PROGRESS,
 ) -> None:
     """Stage ingest: scan, hash and inspect every image; write a Parquet manifest with splits and dataset metadata."""
@@ -71,7 +91,8 @@ def ingest(
             _fail(ValueError("with SOURCE, give --out"))
         from bne.ingest import ingest as run_ingest
 
-        r = _run(lambda: run_ingest(source, out, splits, sums, val_fraction, SPLIT_SEED, name, None, progress))
+        limit = _max_pixels(max_pixels, params, set_, "ingest")
+        r = _run(lambda: run_ingest(source, out, splits, sums, val_fraction, SPLIT_SEED, name, None, progress, max_pixels=limit))
     typer.echo(summary(r))
 
 
@@ -82,12 +103,14 @@ def validate(
     reports: Path = typer.Option(None, help="with MANIFEST: validation.json/.md go to REPORTS/<dataset> (default ROOT/reports)"),
     min_per_class: int = typer.Option(None, help="with MANIFEST and no params file: fewer images per domain and class warn"),
     min_size: int = typer.Option(None, help="with MANIFEST and no params file: smallest width/height in pixels"),
+    near_duplicate_bits: int = typer.Option(None, help="with MANIFEST and no params file: perceptual hashes this close across domains warn"),
+    max_pixels: int = typer.Option(None, "--max-pixels", help="with MANIFEST and no params file: largest image read for the hashes"),
     params: Path = PARAMS, set_: list[str] = SET, root: Path = ROOT,
 ) -> None:
     """Stage validate: the Great Expectations suite; the validated copy only on success; exit 1 on failure.
 
     The configured dataset.domains/classes apply only to a manifest of the configured dataset; without a
-    params file, a MANIFEST is validated on its own with --min-per-class and --min-size.
+    params file, a MANIFEST is validated on its own with --min-per-class, --min-size, --near-duplicate-bits and --max-pixels.
     """
     from tasks.validate import ValidationConfig, config_for, summary, validate_manifest
 
@@ -98,10 +121,16 @@ def validate(
         if params.is_file():
             _, p, _ = _stage("validate", params, set_, root)
             cfg, note = _run(lambda: config_for(p, manifest))
-        elif min_per_class is None or min_size is None:
-            _fail(ValueError(f"no {params}: give --min-per-class and --min-size to validate {manifest} on its own"))
+        elif None in (min_per_class, min_size, near_duplicate_bits, max_pixels):
+            _fail(ValueError(f"no {params}: give --min-per-class, --min-size, --near-duplicate-bits and --max-pixels "
+                             f"to validate {manifest} on its own"))
         else:
-            cfg, note = ValidationConfig(min_per_class=min_per_class, min_size=min_size), f"no {params}: validated on its own"
+            values = {"min_per_class": min_per_class, "min_size": min_size, "near_duplicate_bits": near_duplicate_bits,
+                      "max_pixels": max_pixels}
+            bad = [f"--{k.replace('_', '-')} {v}" for k, v in values.items() if v < (0 if k == "near_duplicate_bits" else 1)]
+            if bad:
+                _fail(ValueError(f"{', '.join(bad)}: must be positive (--near-duplicate-bits: 0 or more)"))
+            cfg, note = ValidationConfig(**values), f"no {params}: validated on its own"
         report = _run(lambda: validate_manifest(manifest, reports or root / "reports", cfg, validated, note))
     typer.echo(summary(report), err=not report["success"])
     if not report["success"]:
@@ -114,6 +143,7 @@ def cache(
     out: Path = typer.Option(None, help="with MANIFEST: folder for <domain>.npy (uint8, N x size x size x 3) and index.json"),
     size: int = typer.Option(None, help="with MANIFEST: side in pixels (default: train.resolution of the params file)"),
     verify: bool = typer.Option(False, "--verify", help="re-hash every source image first; one that changed since ingest is refused"),
+    max_pixels: int = MAX_PIXELS,
     params: Path = PARAMS, set_: list[str] = SET, root: Path = ROOT, progress: bool = PROGRESS,
 ) -> None:
     """Stage cache: decode every image of the validated manifest once into memory-mappable per-domain arrays.
@@ -133,8 +163,9 @@ def cache(
     if size is None:
         _, p, _ = _stage("cache", params, set_, root)
         size = p.train.resolution
+    limit = _max_pixels(max_pixels, params, set_, "cache")
     ds = _run(lambda: dataset_from_manifest(manifest))
-    _run(lambda: build_cache(ds, size, out, WORKERS, progress, verify=verify))
+    _run(lambda: build_cache(ds, size, out, WORKERS, progress, verify=verify, max_pixels=limit))
     typer.echo(f"{out}: {len(ds.samples)} images of {len(ds.domains)} domains at {size}x{size}" + ("; every source re-hashed" if verify else ""))
 
 
@@ -218,14 +249,15 @@ def lodo(
 def predict(
     inputs: list[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
     model: Path = typer.Option(None, help="model folder (default: ROOT/data/extend/<dataset>/model if present, else ROOT/data/final/<dataset>)"),
-    params: Path = typer.Option(Path("params.yaml"), help="eval.options and eval.batch from this file when it exists (else the model's options)"),
+    params: Path = typer.Option(Path("params.yaml"), help="eval.options, eval.batch and dataset.max_pixels from this file when it exists (else the model's options)"),
+    max_pixels: int = typer.Option(None, "--max-pixels", help="largest image decoded, width x height (default: dataset.max_pixels of --params; needed without it)"),
     root: Path = ROOT,
     json_: Path = typer.Option(None, "--json", help="also write the predictions as JSON to this file"),
     csv: Path = typer.Option(None, help="also write the predictions as CSV to this file"),
 ) -> None:
     """Class, probability and the weight of each source domain, per image; undecodable images are named and skipped.
 
-    Images are decoded with the ingest rules (16-bit and float modes, more than bne.data.MAX_PIXELS pixels: refused
+    Images are decoded with the ingest rules (16-bit and float modes, more than dataset.max_pixels pixels: refused
     with the reason) and predicted in batches. Nothing predicted: exit 1, no output file.
     """
     import json
@@ -236,6 +268,7 @@ def predict(
     from bne.io import atomic_write
     from bne.predict import Predictor, image_files
 
+    limit = _max_pixels(max_pixels, params, None, "")
     try:
         p = params_mod.load(params) if params.is_file() else None
         if model is None:
@@ -249,7 +282,7 @@ def predict(
         pred = Predictor(model, p.eval.batch if p else 16)
         if p is not None:
             pred.options = p.eval.options.options()  # the current eval.options, as `bne evaluate` uses
-        rows, errors = pred.predict_files(files)
+        rows, errors = pred.predict_files(files, max_pixels=limit)
     except (ValueError, OSError) as e:
         _fail(e)
     for e in errors:
@@ -280,7 +313,8 @@ def stats_show(file: Path = typer.Argument(..., help="a stats.parquet written by
 
     if not file.is_file():
         _fail(FileNotFoundError(f"no such file: {file}"))
-    meta, kinds, domains = _run(lambda: read_stats_table(str(file)))
+    stage = "final (or extend)" if file.name == "stats.parquet" else "stats"  # a model's file, or a fold's
+    meta, kinds, domains = _run(lambda: read_stats_table(str(file), stage=stage))
     typer.echo(f"{file}: domains {domains}; " + ", ".join(f"{k}={v}" for k, v in meta.items()))
     for kind, st in kinds.items():
         typer.echo(f"\n[{kind}] {len(st.layer_names)} layers; mean |mean| and mean std per domain, first/last layer:")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from bne.evaluate import BranchOutputs, branch_chunk, branch_outputs
-from bne.io import save_npy
+from bne.io import load_npy, save_npy
 from bne.model_io import model_with_stats
 from bne.train import pick_device
 from tasks.inputs import fold_data, source_val, sources
@@ -43,8 +42,6 @@ def run(p, layout: Layout, target: str, progress: bool = True, log: Callable[[st
 
 
 def load_val(paths, seed: int):
-    """The source-validation outputs of ``embed`` and each image's domain index."""
+    """The source-validation outputs of ``embed`` and each image's domain index; missing or torn: one line naming it."""
     d = paths.embed(seed)
-    if not (d / "val_outputs.npz").is_file():
-        raise FileNotFoundError(f"{d}/val_outputs.npz: missing; run the embed stage first")
-    return BranchOutputs.load(d / "val_outputs.npz"), torch.from_numpy(np.load(d / "val_domains.npy", allow_pickle=False))
+    return BranchOutputs.load(d / "val_outputs.npz", "embed"), torch.from_numpy(load_npy(d / "val_domains.npy", "domain indices", "embed"))

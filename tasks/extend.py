@@ -18,8 +18,8 @@ from bne.predict import extend_with_domain
 from tasks.paths import Layout, resolve
 from tasks.validate import ValidationConfig, summary, validate_manifest
 
-PARAMS = ("dataset.name", "dataset.root", "dataset.val_fraction", "extend.domains", "train.resolution", "eval.batch",
-          "validation.min_per_class", "validation.min_size")
+PARAMS = ("dataset.name", "dataset.root", "dataset.val_fraction", "dataset.max_pixels", "extend.domains", "train.resolution",
+          "eval.batch", "validation.min_per_class", "validation.min_size", "validation.near_duplicate_bits")
 
 
 def run(p, layout: Layout, base: Path, progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -29,16 +29,19 @@ def run(p, layout: Layout, base: Path, progress: bool = True, log: Callable[[str
     if new:
         work = out / "work"
         ingest(resolve(base, p.dataset.root), work / "ingest", None, None, p.dataset.val_fraction, 0, p.dataset.name, None,
-               progress, domains=new)
-        cfg = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size, domains=tuple(new))
+               progress, domains=new, max_pixels=p.dataset.max_pixels)
+        cfg = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size,
+                               near_duplicate_bits=p.validation.near_duplicate_bits, max_pixels=p.dataset.max_pixels,
+                               domains=tuple(new))
         report = validate_manifest(work / "ingest" / "manifest.parquet", work / "reports", cfg, work / "validated" / "manifest.parquet")
         if not report["success"]:
             raise ValueError(f"new domain(s) {new} failed validation: {summary(report)}")
         ds = dataset_from_manifest(work / "validated" / "manifest.parquet")
-        model_classes = read_json(final_dir / "model.json", "final model")["classes"]
+        model_classes = read_json(final_dir / "model.json", "final model", "final")["classes"]
         if ds.classes != model_classes:
             raise ValueError(f"classes of {p.dataset.root} {ds.classes} differ from the final model's {model_classes}")
-        arrays = load_cache(ds, build_cache(ds, p.train.resolution, work / "cache", progress=progress))
+        arrays = load_cache(ds, build_cache(ds, p.train.resolution, work / "cache", progress=progress,
+                                                max_pixels=p.dataset.max_pixels))
         current = final_dir
         for i, name in enumerate(new):
             step = out / f"step{i}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from bne.ingest import ingest
 from tasks.paths import Layout, resolve
 
-PARAMS = ("dataset.name", "dataset.root", "dataset.splits", "dataset.val_fraction")
+PARAMS = ("dataset.name", "dataset.root", "dataset.splits", "dataset.val_fraction", "dataset.max_pixels")
 SPLIT_SEED = 0  # the seeded stratified split when there are no split files
 
 
@@ -15,7 +15,7 @@ def run(p, layout: Layout, base: Path, progress: bool = True) -> dict:
     """``layout.ingest``/manifest.parquet and ingest_report.json; paths in params are relative to ``base``."""
     source = resolve(base, p.dataset.root)
     return ingest(source, layout.ingest, resolve(base, p.dataset.splits), None, p.dataset.val_fraction, SPLIT_SEED,
-                  p.dataset.name, None, progress)
+                  p.dataset.name, None, progress, max_pixels=p.dataset.max_pixels)
 
 
 def summary(r: dict) -> str:

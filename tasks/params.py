@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from bne.data import AugmentConfig
+from bne.dedup import BITS
 from bne.embedding import DISTANCES, LAYER_SETS, WEIGHTINGS, InferenceOptions
 from bne.io import atomic_path
 from bne.model import BACKBONES, NORMS, ModelSpec
@@ -62,6 +63,7 @@ class Dataset(Section):
     domains: list[Name] = Field(min_length=2)
     classes: list[str]  # []: whatever the data holds; else validation requires exactly these
     folds: list[Name] = Field(min_length=1)
+    max_pixels: Annotated[int, Field(ge=1)]  # the decode rules' limit (width x height), from the image header
 
     @model_validator(mode="after")
     def _folds_are_domains(self) -> Dataset:
@@ -172,6 +174,7 @@ class Eval(Section):
 class Validation(Section):
     min_per_class: Annotated[int, Field(ge=1)]
     min_size: Annotated[int, Field(ge=1)]
+    near_duplicate_bits: Annotated[int, Field(ge=0, le=BITS)]  # of the 256-bit perceptual hash
 
 
 class Study(Section):

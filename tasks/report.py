@@ -13,8 +13,7 @@ from bne.evaluate import (
     leave_own_out_accuracy,
     method_accuracies,
 )
-from bne.ingest import read_manifest_meta
-from bne.io import atomic_write, read_json, write_json
+from bne.io import atomic_write, load_npy, read_json, write_json
 from bne.metrics import ablation_variants, markdown_table, summarize
 from bne.plots import (
     accuracy_bars,
@@ -22,6 +21,7 @@ from bne.plots import (
     embedding_maps,
     weight_histograms,
 )
+from tasks.inputs import validated_dataset
 from tasks.paths import Layout
 
 PARAMS = ("dataset.name", "dataset.folds", "model.backbone", "model.norm", "train.resolution", "train.epochs",
@@ -35,8 +35,9 @@ def ablation(layout: Layout, base, folds: list[dict]) -> list[dict]:
     for f in folds:
         paths = layout.fold(f["target"])
         val = paths.embed(f["seed"])
-        loaded.append((BranchOutputs.load(paths.eval(f["seed"]) / "target_outputs.npz"), BranchOutputs.load(val / "val_outputs.npz"),
-                       torch.from_numpy(np.load(val / "val_domains.npy", allow_pickle=False))))
+        loaded.append((BranchOutputs.load(paths.eval(f["seed"]) / "target_outputs.npz", "evaluate"),
+                       BranchOutputs.load(val / "val_outputs.npz", "embed"),
+                       torch.from_numpy(load_npy(val / "val_domains.npy", "domain indices", "embed"))))
     rows = []
     for name, o in ablation_variants(base):
         tgt, loo = [], []
@@ -54,16 +55,17 @@ def ablation(layout: Layout, base, folds: list[dict]) -> list[dict]:
 def run(p, layout: Layout, log: Callable[[str], None] = print) -> dict:
     name, targets, seeds = p.dataset.name, list(p.dataset.folds), list(p.train.seeds)
     opts = p.eval.options.options()
-    classes = read_manifest_meta(layout.manifest)["classes"] if layout.manifest.is_file() else None
+    # the class names of the figures: from the validated copy, re-checked like every stage's (never a tampered one)
+    classes = validated_dataset(layout).classes if layout.manifest.is_file() else None
     folds = []
     for t in targets:
-        folds += read_json(layout.fold(t).eval() / "fold.json", f"evaluation of {t}")["folds"]
+        folds += read_json(layout.fold(t).eval() / "fold.json", f"evaluation of {t}", "evaluate")["folds"]
     reports = layout.reports
     # Everything is computed before anything is written: a torn input fails the stage with the old report intact.
     metrics = summarize(folds, targets)
     abl = ablation(layout, opts, folds)
     first = [f for f in folds if f["seed"] == seeds[0]]
-    weights = {f["target"]: bne_predict(BranchOutputs.load(layout.fold(f["target"]).eval(f["seed"]) / "target_outputs.npz"), opts)[1].numpy()
+    weights = {f["target"]: bne_predict(BranchOutputs.load(layout.fold(f["target"]).eval(f["seed"]) / "target_outputs.npz", "evaluate"), opts)[1].numpy()
                for f in first}
     train_s = sum(f["seconds"]["train"] for f in folds)
     eval_s = sum(f["seconds"]["evaluate"] for f in folds)

@@ -35,7 +35,7 @@ from bne.evaluate import (
     options_dict,
     options_from_dict,
 )
-from bne.io import file_sha256, write_json
+from bne.io import atomic_call, file_sha256, write_json
 from bne.model import ModelSpec
 from bne.train import TrainConfig, config_hash, train
 from tasks.embed import load_val
@@ -438,7 +438,7 @@ def save_study_plots(study: optuna.Study, out_dir: Path | str) -> dict:
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.set_size_inches(8, 5)
         fig.tight_layout()
-        fig.savefig(out_dir / f"{name}.png", dpi=110)
+        atomic_call(out_dir / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(str(out_dir / f"{name}.png"))
 

@@ -8,6 +8,8 @@ so a failed validation leaves the last good one (and everything built from it) u
 GX expresses the per-row checks (nulls, ranges, value sets, uniqueness, class/label pairs). Checks across rows that it
 does not express (every class in every domain, images per domain and class, identical content across domains or
 splits) are computed with pandas and reported in the same structure. Decoding, size and mode were recorded at ingest.
+Near-duplicates across domains (the same picture re-encoded or resized: a perceptual hash, :mod:`bne.dedup`, within
+``validation.near_duplicate_bits``) are a warning naming both files; the manifest is not changed by it.
 
 The configured ``dataset.domains`` / ``dataset.classes`` / ``dataset.root`` apply only to a manifest of the configured
 dataset (``dataset.name``); any other manifest is validated on its own, and the report says so.
@@ -33,6 +35,7 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.row_conditions import Column
 
+from bne.dedup import BITS, near_pairs, perceptual_hashes
 from bne.ingest import (
     RGB_MODES,
     SCHEMA,
@@ -47,12 +50,15 @@ from tasks.paths import resolve
 EXAMPLES = 20
 KWARGS = ("column", "column_A", "column_B", "min_value", "max_value")  # what the report shows of an expectation
 WHERE = ["path", "domain", "class"]
+HASH_WORKERS = 4  # decoding threads of the perceptual hashes
 
 
 @dataclass(frozen=True)
 class ValidationConfig:
     min_per_class: int  # fewer images of a class in a domain is a warning
     min_size: int  # smallest accepted width and height, pixels
+    near_duplicate_bits: int  # perceptual hashes (of bne.dedup.BITS) this close across domains: a warning
+    max_pixels: int  # the decode rules' limit when the images are read for the hashes
     domains: tuple[str, ...] | None = None  # when given, the manifest must have exactly these
     classes: tuple[str, ...] | None = None
     # when given, the manifest's source must be one of these folders: the configured dataset.root, relative to
@@ -60,8 +66,8 @@ class ValidationConfig:
     source: tuple[str, ...] | None = None
 
 
-PARAMS = ("dataset.name", "dataset.root", "dataset.domains", "dataset.classes", "validation.min_per_class",
-          "validation.min_size")
+PARAMS = ("dataset.name", "dataset.root", "dataset.domains", "dataset.classes", "dataset.max_pixels",
+          "validation.min_per_class", "validation.min_size", "validation.near_duplicate_bits")
 
 
 def config_for(p, manifest: Path | str, bases: Sequence[Path | str] = (".",)) -> tuple[ValidationConfig, str]:
@@ -69,7 +75,8 @@ def config_for(p, manifest: Path | str, bases: Sequence[Path | str] = (".",)) ->
 
     ``bases``: the folders ``dataset.root`` may be relative to (the params file's; where the stages run).
     """
-    cfg = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size)
+    cfg = ValidationConfig(min_per_class=p.validation.min_per_class, min_size=p.validation.min_size,
+                           near_duplicate_bits=p.validation.near_duplicate_bits, max_pixels=p.dataset.max_pixels)
     name = read_manifest_meta(manifest)["dataset"]
     source = tuple(dict.fromkeys(str(resolve(b, p.dataset.root)) for b in bases))
     if name != p.dataset.name:
@@ -236,6 +243,37 @@ def _source_checks(df: pd.DataFrame, meta: dict, cfg: ValidationConfig) -> list[
     return checks
 
 
+def _near_duplicate_checks(df: pd.DataFrame, meta: dict, cfg: ValidationConfig) -> list[dict]:
+    """The same picture in two domains though not the same bytes (those are an error above): a warning naming both.
+
+    Only rows that decoded at ingest and lie inside the recorded source are opened; a file that cannot be hashed
+    now (gone, changed into something else) is a warning of its own.
+    """
+    if any(c not in df for c in (*WHERE, "sha256")):  # "manifest columns" fails already
+        return []
+    root = Path(str(meta.get("source")))
+    resolved, folders = root.resolve(), {}
+    errors = df["error"] if "error" in df else pd.Series([""] * len(df))
+    rows = [i for i, (path, error) in enumerate(zip(df["path"], errors))
+            if not error and isinstance(path, str) and not path_problem(root, path, resolved, folders)]
+    sub = df.iloc[rows][[*WHERE, "sha256"]].reset_index(drop=True)
+    hashes, failed = perceptual_hashes([root / p for p in sub["path"]], cfg.max_pixels, HASH_WORKERS)
+    shas = sub["sha256"].tolist()
+    pairs = [(a, b, d) for a, b, d in near_pairs(hashes, sub["domain"].tolist(), cfg.near_duplicate_bits,
+                                                  skip=[i in failed for i in range(len(sub))])
+             if shas[a] != shas[b]]
+    near = [{"path": sub.at[a, "path"], "domain": sub.at[a, "domain"], "class": sub.at[a, "class"],
+             "near_duplicate": sub.at[b, "path"], "its_domain": sub.at[b, "domain"], "its_class": sub.at[b, "class"],
+             "bits": d} for a, b, d in pairs[:EXAMPLES]]
+    unhashed = [{"path": sub.at[i, "path"], "domain": sub.at[i, "domain"], "class": sub.at[i, "class"], "problem": msg}
+                for i, msg in sorted(failed.items())]
+    return [
+        _check(f"no near-duplicate pictures across domains (perceptual hashes within {cfg.near_duplicate_bits} of {BITS} bits)",
+               "warning", near, len(pairs)),
+        _check("every image readable for its perceptual hash", "warning", unhashed),
+    ]
+
+
 def _checked_root(meta: dict, cfg: ValidationConfig) -> str | None:
     """The configured root the manifest's source is (resolved, links included); None when it is none of them."""
     return next((s for s in cfg.source or () if _same_folder(str(meta.get("source")), s)), None)
@@ -303,7 +341,8 @@ def validate_manifest(
     manifest_path = Path(manifest_path)
     meta = read_manifest_meta(manifest_path)
     df = pd.read_parquet(manifest_path)
-    checks = _run_gx(df, _suite(meta, config)) + _row_checks(df, meta, config) + _source_checks(df, meta, config)
+    checks = (_run_gx(df, _suite(meta, config)) + _row_checks(df, meta, config) + _source_checks(df, meta, config)
+              + _near_duplicate_checks(df, meta, config))
     report = _plain(
         {
             "dataset": meta["dataset"],

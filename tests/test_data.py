@@ -6,6 +6,8 @@ import torch
 
 from bne.data import build_cache, decode_image, domain_batches, load_cache, load_folder_dataset
 
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+
 
 def _splits(root, tmp_path, lines_by_file):
     d = tmp_path / "splits"
@@ -74,17 +76,17 @@ def test_seeded_stratified_split(synthetic_root):
 
 def test_cache_round_trip_and_decode_errors(synthetic_root, tmp_path):
     ds = load_folder_dataset(synthetic_root)
-    cache = build_cache(ds, 16, tmp_path / "cache", workers=2)
+    cache = build_cache(ds, 16, tmp_path / "cache", workers=2, max_pixels=MAX_PIXELS)
     arrays = load_cache(ds, cache)
     dom = ds.domains[0]
     first = ds.of(dom)[0]
-    np.testing.assert_array_equal(arrays[dom].images[0], decode_image(synthetic_root / first.path, 16))
+    np.testing.assert_array_equal(arrays[dom].images[0], decode_image(synthetic_root / first.path, 16, max_pixels=MAX_PIXELS))
     assert arrays[dom].images.dtype == np.uint8 and arrays[dom].images.shape[1:] == (16, 16, 3)
     assert len(arrays[dom].train) + len(arrays[dom].val) == len(ds.of(dom))
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     with pytest.raises(ValueError, match="bad.jpg"):
-        decode_image(bad, 16)
+        decode_image(bad, 16, max_pixels=MAX_PIXELS)
 
 
 def test_domain_batches_are_balanced_and_seeded():

@@ -27,6 +27,8 @@ from bne.train import build_optimizer, distribute, seed_everything, train, train
 from conftest import make_dataset, train_cfg
 from conftest import spec as make_spec
 
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+
 WORLD = 2
 STEPS = 3
 B = 4  # per-domain batch of the step (each rank: B / WORLD)
@@ -229,7 +231,7 @@ def test_two_ranks_with_half_batches_equal_one_process_with_the_whole_batch(firs
 
 def _sources(root: Path) -> list[DomainArrays]:
     ds = load_folder_dataset(root, val_fraction=0.25)
-    arrays = load_cache(ds, build_cache(ds, 24, root.parent / "cache", workers=1, progress=False))
+    arrays = load_cache(ds, build_cache(ds, 24, root.parent / "cache", workers=1, progress=False, max_pixels=MAX_PIXELS))
     return [arrays[d] for d in ds.domains]
 
 

@@ -293,7 +293,7 @@ def test_predict_with_the_final_model(project, first_run, tmp_path):
     bad.write_bytes(b"not an image")
     good = sorted((project / "subset" / "red_on_white" / "circle").iterdir())[:3]
     pred = Predictor(project / "data" / "final" / "syn", batch=8)
-    rows, errors = pred.predict_files([*good, bad])
+    rows, errors = pred.predict_files([*good, bad], max_pixels=P.load(project / "params.yaml").dataset.max_pixels)
     assert [r["file"] for r in rows] == [str(p) for p in good]
     assert errors and errors[0]["file"] == str(bad)
     for r in rows:

@@ -12,6 +12,8 @@ from PIL import Image
 
 from conftest import CLASSES, make_dataset
 
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "bench" / "gpu"
 STYLES = ("red_on_white", "yellow_on_blue", "noisy_gray")
@@ -86,4 +88,4 @@ def test_pack_refuses_a_tampered_copy(source, tmp_path):
     victim = next((out / "images").rglob("*.webp"))
     victim.write_bytes(victim.read_bytes()[:-10])
     with pytest.raises(ValueError, match="checksum mismatch"):
-        ingest(out / "images", tmp_path / "ing", splits=out / "splits", sums=out / "SHA256SUMS", progress=False)
+        ingest(out / "images", tmp_path / "ing", splits=out / "splits", sums=out / "SHA256SUMS", progress=False, max_pixels=MAX_PIXELS)

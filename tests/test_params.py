@@ -66,6 +66,12 @@ def test_library_configs_have_no_defaults_of_their_own():
     ("eval.options.power=-3", "eval.options.power", "-3"),
     ("eval.options.distance=foo", "eval.options.distance", "'foo'"),
     ("dataset.folds=[art_painting, nowhere]", "dataset.folds", "nowhere"),
+    ("dataset.max_pixels=0", "dataset.max_pixels", "0"),
+    ("dataset.max_pixels=-1", "dataset.max_pixels", "-1"),
+    ("dataset.max_pixels=abc", "dataset.max_pixels", "'abc'"),
+    ("dataset.max_pixels=2.5", "dataset.max_pixels", "2.5"),
+    ("validation.near_duplicate_bits=-1", "validation.near_duplicate_bits", "-1"),
+    ("validation.near_duplicate_bits=257", "validation.near_duplicate_bits", "257"),
 ])
 def test_impossible_values_name_the_key_and_the_value(override, key, value):
     with pytest.raises(ParamsError) as err:

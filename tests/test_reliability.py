@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -28,12 +29,15 @@ import bne.data
 import bne.ingest
 from bne.data import DomainArrays, build_cache, decode_image, load_cache, load_folder_dataset
 from bne.ingest import MANIFEST, META_KEY, SCHEMA, dataset_from_manifest, ingest, record_path, write_validation_record
-from tasks import cache, embed, evaluate, final, stats, train, validate
+from tasks import cache, embed, evaluate, final, report, stats, train, validate
 from tasks import ingest as ingest_stage
 from tasks import params as P
 from tasks.cli import app
 from tasks.paths import Layout
 from tasks.validate import ValidationConfig, validate_manifest
+
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+NEAR_BITS = 32  # perceptual-hash bits across domains that warn (params.yaml validation.near_duplicate_bits)
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLES = ("red_on_white", "yellow_on_blue", "noisy_gray")
@@ -147,6 +151,7 @@ def _readers(p, layout):
         ("embed", lambda: embed.run(_view(p, embed), layout, TARGET, progress=False, log=lambda m: None)),
         ("evaluate", lambda: evaluate.run(_view(p, evaluate), layout, TARGET, progress=False, log=lambda m: None)),
         ("final", lambda: final.run(_view(p, final), layout, progress=False, log=lambda m: None)),
+        ("report", lambda: report.run(_view(p, report), layout, log=lambda m: None)),
     ]
 
 
@@ -228,8 +233,8 @@ def small(tmp_path):
     src = make_dataset(tmp_path / "src", styles=STYLES[:2], per_class=3, size=32)
 
     def refresh():
-        ingest(src, tmp_path / "m", progress=False)
-        report = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "reports", ValidationConfig(min_per_class=1, min_size=8),
+        ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
+        report = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "reports", ValidationConfig(min_per_class=1, min_size=8, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS),
                                    tmp_path / "v" / MANIFEST)
         assert report["success"], report["failures"]
         return dataset_from_manifest(tmp_path / "v" / MANIFEST)
@@ -243,9 +248,9 @@ def decodes(monkeypatch):
     seen = []
     real = bne.data.decode_bytes
 
-    def spy(data, size, where):
+    def spy(data, size, where, **kw):
         seen.append(Path(where).name)
-        return real(data, size, where)
+        return real(data, size, where, **kw)
 
     monkeypatch.setattr(bne.data, "decode_bytes", spy)
     return seen
@@ -254,37 +259,37 @@ def decodes(monkeypatch):
 def test_a_changed_image_is_decoded_again_and_only_it(small, tmp_path, decodes):
     src, refresh = small
     ds = refresh()
-    out = build_cache(ds, 16, tmp_path / "c", workers=2, progress=False)
+    out = build_cache(ds, 16, tmp_path / "c", workers=2, progress=False, max_pixels=MAX_PIXELS)
     assert len(decodes) == len(ds.samples)
     decodes.clear()
-    build_cache(ds, 16, out, workers=2, progress=False)
+    build_cache(ds, 16, out, workers=2, progress=False, max_pixels=MAX_PIXELS)
     assert decodes == []  # unchanged: nothing decoded
     changed = ds.of(STYLES[1])[2]
     _png(src / changed.path, color=(0, 255, 0))  # new content, same path
     ds = refresh()
-    build_cache(ds, 16, out, workers=2, progress=False)
+    build_cache(ds, 16, out, workers=2, progress=False, max_pixels=MAX_PIXELS)
     assert decodes == [Path(changed.path).name]
     arrays = load_cache(ds, out)
-    np.testing.assert_array_equal(arrays[STYLES[1]].images[2], decode_image(src / changed.path, 16))
+    np.testing.assert_array_equal(arrays[STYLES[1]].images[2], decode_image(src / changed.path, 16, max_pixels=MAX_PIXELS))
     assert (arrays[STYLES[1]].images[2] == [0, 255, 0]).all()
     index = json.loads((out / "index.json").read_text())
     assert index["domains"][STYLES[1]]["sha256"][2] == ds.of(STYLES[1])[2].sha256 and index["decode"] == bne.data.DECODE
     decodes.clear()
-    build_cache(ds, 24, tmp_path / "c", workers=2, progress=False)  # another size: every image again
+    build_cache(ds, 24, tmp_path / "c", workers=2, progress=False, max_pixels=MAX_PIXELS)  # another size: every image again
     assert len(decodes) == len(ds.samples)
 
 
 def test_a_file_changed_after_ingest_is_refused(small, tmp_path):
     src, refresh = small
     ds = refresh()
-    out = build_cache(ds, 16, tmp_path / "c", workers=2, progress=False)
+    out = build_cache(ds, 16, tmp_path / "c", workers=2, progress=False, max_pixels=MAX_PIXELS)
     swapped = ds.of(STYLES[0])[1]
     _png(src / swapped.path, color=(1, 2, 3))  # not re-ingested
-    build_cache(ds, 16, out, workers=2, progress=False)  # the cache is keyed on the manifest: still the ingested pixels
+    build_cache(ds, 16, out, workers=2, progress=False, max_pixels=MAX_PIXELS)  # the cache is keyed on the manifest: still the ingested pixels
     with pytest.raises(ValueError, match=f"{swapped.path}: content changed since ingest"):
-        build_cache(ds, 16, out, workers=2, progress=False, verify=True)
+        build_cache(ds, 16, out, workers=2, progress=False, verify=True, max_pixels=MAX_PIXELS)
     with pytest.raises(ValueError, match=f"{swapped.path}: content changed since ingest"):  # decoding checks the bytes
-        build_cache(ds, 16, tmp_path / "fresh", workers=2, progress=False)
+        build_cache(ds, 16, tmp_path / "fresh", workers=2, progress=False, max_pixels=MAX_PIXELS)
     res = CliRunner().invoke(app, ["cache", str(tmp_path / "v" / MANIFEST), "--out", str(out), "--size", "16", "--verify", "--no-progress"])
     assert res.exit_code == 1 and "content changed since ingest" in res.output and "Traceback" not in res.output
 
@@ -292,7 +297,7 @@ def test_a_file_changed_after_ingest_is_refused(small, tmp_path):
 def test_a_cache_of_other_images_is_not_loaded(small, tmp_path):
     src, refresh = small
     ds = refresh()
-    out = build_cache(ds, 16, tmp_path / "c", workers=2, progress=False)
+    out = build_cache(ds, 16, tmp_path / "c", workers=2, progress=False, max_pixels=MAX_PIXELS)
     _png(src / ds.samples[0].path, color=(9, 9, 9))
     with pytest.raises(ValueError, match="holds other images than the manifest"):
         load_cache(refresh(), out)
@@ -303,12 +308,12 @@ def test_a_cache_of_other_images_is_not_loaded(small, tmp_path):
 
 def test_folder_datasets_are_hashed_for_the_key(synthetic_root, tmp_path, decodes):
     ds = load_folder_dataset(synthetic_root)  # no hashes from a folder scan
-    out = build_cache(ds, 8, tmp_path / "c", workers=2, progress=False)
+    out = build_cache(ds, 8, tmp_path / "c", workers=2, progress=False, max_pixels=MAX_PIXELS)
     index = json.loads((out / "index.json").read_text())
     first = ds.samples[0]
     assert index["domains"][first.domain]["sha256"][0] == bne.data._sha256(synthetic_root / first.path)
     decodes.clear()
-    build_cache(ds, 8, out, workers=2, progress=False)
+    build_cache(ds, 8, out, workers=2, progress=False, max_pixels=MAX_PIXELS)
     assert decodes == []
 
 
@@ -347,14 +352,24 @@ def test_predict_refuses_a_16_bit_png_with_a_word(model_dir, tmp_path):
     from bne.predict import Predictor
 
     good, deep = _png(tmp_path / "good.png"), _sixteen_bit(tmp_path / "deep.png")
-    rows, errors = Predictor(model_dir, batch=4, device=torch.device("cpu")).predict_files([good, deep])
+    rows, errors = Predictor(model_dir, batch=4, device=torch.device("cpu")).predict_files([good, deep], max_pixels=MAX_PIXELS)
     assert [r["file"] for r in rows] == [str(good)]
     assert errors == [{"file": str(deep), "error": f"cannot decode image {deep}: mode I;16 (16-bit or floating-point) has no "
                                                     "faithful RGB conversion; save it as 8-bit"}]
     res = CliRunner().invoke(app, ["predict", str(deep), "--model", str(model_dir), "--params", str(tmp_path / "none.yaml"),
-                                   "--csv", str(tmp_path / "p.csv")])
+                                   "--max-pixels", str(MAX_PIXELS), "--csv", str(tmp_path / "p.csv")])
     assert res.exit_code == 1 and "deep.png" in res.output and "mode I;16" in res.output and "nothing predicted" in res.output
     assert not (tmp_path / "p.csv").exists()  # never a header-only CSV
+
+
+def test_predict_on_a_folder_without_images_is_exit_1_and_no_file(model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    res = CliRunner().invoke(app, ["predict", str(empty), "--model", str(model_dir), "--params", str(tmp_path / "none.yaml"),
+                                   "--max-pixels", str(MAX_PIXELS), "--csv", str(tmp_path / "p.csv")])
+    assert res.exit_code == 1 and "no image files in" in res.output and str(empty) in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "p.csv").exists()
 
 
 def test_predict_goes_through_a_folder_in_batches(model_dir, tmp_path, monkeypatch):
@@ -362,11 +377,11 @@ def test_predict_goes_through_a_folder_in_batches(model_dir, tmp_path, monkeypat
 
     files = [_png(tmp_path / f"{i}.png", color=(40 * i, 100, 255 - 30 * i)) for i in range(7)]
     pred = Predictor(model_dir, batch=4, device=torch.device("cpu"))
-    whole, _ = pred.predict_files(files)
+    whole, _ = pred.predict_files(files, max_pixels=MAX_PIXELS)
     sizes = []
     real = pred.predict_arrays
     monkeypatch.setattr(pred, "predict_arrays", lambda images: sizes.append(len(images)) or real(images))
-    chunked, _ = pred.predict_files(files, chunk=3)
+    chunked, _ = pred.predict_files(files, max_pixels=MAX_PIXELS, chunk=3)
     assert sizes == [3, 3, 1]
     assert [r["file"] for r in chunked] == [r["file"] for r in whole]
     for a, b in zip(chunked, whole):
@@ -389,7 +404,8 @@ def test_a_crafted_model_is_refused_in_one_line(model_dir, tmp_path, content):
     with pytest.raises(ValueError, match="model.pt: ") as e:
         Predictor(bad, batch=4, device=torch.device("cpu"))
     assert "\n" not in str(e.value)
-    res = CliRunner().invoke(app, ["predict", str(_png(tmp_path / "x.png")), "--model", str(bad), "--params", str(tmp_path / "none.yaml")])
+    res = CliRunner().invoke(app, ["predict", str(_png(tmp_path / "x.png")), "--model", str(bad), "--params", str(tmp_path / "none.yaml"),
+                                   "--max-pixels", str(MAX_PIXELS)])
     assert res.exit_code == 1 and "Traceback" not in res.output and res.output.strip().startswith("error: ")
     assert res.output.strip().count("\n") == 0
 
@@ -403,7 +419,7 @@ def test_odd_file_names_are_row_errors_naming_the_file(tmp_path):
     shutil.copy(folder / "circle_000.png", folder / "back\\slash.png")
     with open(os.path.join(os.fsencode(folder), b"bad\xff.png"), "wb") as f:
         f.write((folder / "circle_001.png").read_bytes())
-    report = ingest(src, tmp_path / "m", progress=False)
+    report = ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
     assert report["undecodable"] == {
         f"{STYLES[0]}/circle/back\\slash.png": "file name contains a backslash (a path separator on Windows): rename the file",
         f"{STYLES[0]}/circle/bad\\xff.png": "file name is not valid UTF-8: rename the file",
@@ -411,7 +427,7 @@ def test_odd_file_names_are_row_errors_naming_the_file(tmp_path):
     json.loads((tmp_path / "m" / "ingest_report.json").read_text(encoding="utf-8"))  # valid UTF-8 JSON
     rows = {r["path"]: r for r in pq.read_table(tmp_path / "m" / MANIFEST).to_pylist()}
     assert rows[f"{STYLES[0]}/circle/bad\\xff.png"]["sha256"] == bne.data._sha256(folder / "circle_001.png")
-    result = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "r", ValidationConfig(min_per_class=1, min_size=8))
+    result = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "r", ValidationConfig(min_per_class=1, min_size=8, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS))
     named = [e["path"] for c in result["failures"] for e in c["examples"] if "path" in e]
     assert not result["success"] and set(named) == set(report["undecodable"])
 
@@ -420,7 +436,7 @@ def test_an_odd_folder_name_is_refused_naming_it(tmp_path):
     src = make_dataset(tmp_path / "src", styles=STYLES[:2], per_class=2, size=32)
     os.rename(os.fsencode(src / STYLES[1]), os.path.join(os.fsencode(src), b"dom\xfe"))
     with pytest.raises(ValueError, match=r"dom\\xfe: folder name is not valid UTF-8; rename it"):
-        ingest(src, tmp_path / "m", progress=False)
+        ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
@@ -438,13 +454,13 @@ def test_a_huge_image_is_refused_from_its_header(tmp_path):
     src = make_dataset(tmp_path / "src", styles=STYLES[:2], per_class=2, size=32)
     huge = _png_header_only(src / STYLES[0] / "circle" / "huge.png", 10000, 10000)
     _png_header_only(src / STYLES[0] / "circle" / "bomb.png", 20000, 20000)  # above Pillow's own limit too
-    report = ingest(src, tmp_path / "m", progress=False)
-    limit = f"10000x10000 = 100000000 pixels, above bne.data.MAX_PIXELS = {bne.data.MAX_PIXELS}"
+    report = ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
+    limit = f"10000x10000 = 100000000 pixels, above the maximum of {MAX_PIXELS} pixels (dataset.max_pixels)"
     assert report["undecodable"][f"{STYLES[0]}/circle/huge.png"] == f"ValueError: {limit}"
     bomb = report["undecodable"][f"{STYLES[0]}/circle/bomb.png"]
-    assert bomb.startswith("DecompressionBombError: ") and bomb.endswith(f"(above bne.data.MAX_PIXELS = {bne.data.MAX_PIXELS} too)")
-    with pytest.raises(ValueError, match=f"cannot decode image {huge}: {limit}"):
-        decode_image(huge, 16)
+    assert bomb.startswith("DecompressionBombError: ") and bomb.endswith(f"(above the maximum of {MAX_PIXELS} pixels (dataset.max_pixels) too)")
+    with pytest.raises(ValueError, match=re.escape(f"cannot decode image {huge}: {limit}")):
+        decode_image(huge, 16, max_pixels=MAX_PIXELS)
 
 
 def test_a_large_jpeg_is_decoded_in_draft(tmp_path, monkeypatch):
@@ -454,7 +470,7 @@ def test_a_large_jpeg_is_decoded_in_draft(tmp_path, monkeypatch):
     img = Image.fromarray(np.kron(np.random.default_rng(0).integers(0, 255, (16, 16, 3)), np.ones((50, 50, 1))).astype(np.uint8))
     path = tmp_path / "big.jpg"
     img.save(path, quality=95)  # 800 x 800
-    full = decode_image(path, 32)
+    full = decode_image(path, 32, max_pixels=MAX_PIXELS)
     scales = []
     real = JpegImagePlugin.JpegImageFile.draft
 
@@ -466,8 +482,8 @@ def test_a_large_jpeg_is_decoded_in_draft(tmp_path, monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     monkeypatch.setattr(bne.data, "DRAFT_PIXELS", 100 * 100)
     monkeypatch.setattr(bne.ingest, "DRAFT_PIXELS", 100 * 100)
-    drafted = decode_image(path, 32)
-    facts = bne.ingest.inspect_image(path)
+    drafted = decode_image(path, 32, max_pixels=MAX_PIXELS)
+    facts = bne.ingest.inspect_image(path, MAX_PIXELS)
     assert scales == [8, 8]  # 800 // 32 = 25 -> 1/8 in the cache; 1/8 at ingest
     assert (facts.width, facts.height, facts.mode, facts.error) == (800, 800, "RGB", "")
     assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 6
@@ -495,3 +511,199 @@ def test_a_study_record_never_holds_the_password(monkeypatch):
                            storage="postgresql://user:secret@db.example/optuna", study_name="s")
     assert r["storage"] == "postgresql://user:***@db.example/optuna"
     assert "secret" not in json.dumps(r)
+
+
+# ------------------------------------------------------------------------------- 6. the pixel limit, a parameter
+
+
+def test_the_pixel_limit_is_dataset_max_pixels_at_ingest_and_in_predict(project, model_dir, tmp_path):
+    """A limit below the images' 32 x 32: ingest records each as a row error, predict refuses it, with one reason."""
+    _, _, tmp = project
+    params = tmp_path / "params.yaml"
+    shutil.copy(tmp / "params.yaml", params)
+    P.write_overrides(params, ["dataset.max_pixels=1000"])
+    small = P.load(params)
+    assert small.dataset.max_pixels == 1000
+    layout = Layout(tmp_path / "proj", "syn")
+    report = ingest_stage.run(_view(small, ingest_stage), layout, tmp_path, progress=False)
+    reason = "32x32 = 1024 pixels, above the maximum of 1000 pixels (dataset.max_pixels)"
+    assert report["undecodable"] and set(report["undecodable"].values()) == {f"ValueError: {reason}"}
+    image = next(iter(sorted((tmp / "images").rglob("*.png"))))
+    res = CliRunner().invoke(app, ["predict", str(image), "--model", str(model_dir), "--params", str(params)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"skipped {image}: cannot decode image {image}: {reason}" in res.output and "nothing predicted" in res.output
+    res = CliRunner().invoke(app, ["predict", str(image), "--model", str(model_dir), "--params", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 1 and "give --max-pixels" in res.output  # no params file: the limit must be given
+    res = CliRunner().invoke(app, ["predict", str(image), "--model", str(model_dir), "--params", str(tmp_path / "none.yaml"),
+                                   "--max-pixels", "0"])
+    assert res.exit_code == 1 and "--max-pixels 0: must be a positive" in res.output
+
+
+def test_the_stages_that_decode_declare_the_pixel_limit():
+    from tasks import extend
+
+    for module in (ingest_stage, validate, cache, extend):
+        assert "dataset.max_pixels" in module.PARAMS, module.__name__
+    assert P.read_raw(ROOT / "params.yaml")["dataset"]["max_pixels"] > 0
+    assert not hasattr(bne.data, "MAX_PIXELS")  # one value, in params.yaml: no default of the library's
+
+
+# ------------------------------------------------------------------------- 7. near-duplicates across domains
+
+
+def _picture(seed: int, size: int = 96) -> Image.Image:
+    """A smooth random picture (blurred noise in colour): what a photo looks like to a perceptual hash."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)  # detail at several scales (a flat blur hashes unstably)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _near_dup_dataset(root: Path, twins: dict[str, tuple[int, str, dict]]) -> Path:
+    """Two domains x two classes, three different pictures each; ``twins``: extra files re-encoding a picture."""
+    seed = 100
+    for dom in ("photo", "art"):
+        for cls in ("cat", "dog"):
+            for i in range(3):
+                seed += 1
+                path = root / dom / cls / f"{cls}_{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _picture(seed).save(path)
+    for rel, (seed_of, fmt, kw) in twins.items():
+        img = _picture(seed_of)
+        if "scale" in kw:
+            img = img.resize((int(img.width * kw["scale"]), int(img.height * kw["scale"])), Image.Resampling.BILINEAR)
+        img.save(root / rel, fmt, **{k: v for k, v in kw.items() if k != "scale"})
+    return root
+
+
+def _near_dup_check(report: dict) -> dict | None:
+    return next((c for c in report["warnings"] if c["check"].startswith("no near-duplicate pictures across domains")), None)
+
+
+def test_the_same_picture_re_encoded_in_two_domains_is_a_warning_naming_both(tmp_path):
+    # photo/cat/cat_0.png is picture 101; art gets it as a JPEG at quality 40, and resized to 70 %
+    src = _near_dup_dataset(tmp_path / "src", {"art/dog/copy_q40.jpg": (101, "JPEG", {"quality": 40}),
+                                               "art/cat/copy_small.jpg": (101, "JPEG", {"quality": 85, "scale": 0.7})})
+    ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
+    manifest = (tmp_path / "m" / MANIFEST).read_bytes()
+    cfg = ValidationConfig(min_per_class=1, min_size=8, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS)
+    report = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "r", cfg, tmp_path / "v" / MANIFEST)
+    assert report["success"]  # a warning, not a failure: the validated copy is written, byte-identical
+    assert (tmp_path / "v" / MANIFEST).read_bytes() == manifest == (tmp_path / "m" / MANIFEST).read_bytes()
+    check = _near_dup_check(report)
+    assert check is not None and check["severity"] == "warning" and check["unexpected_count"] == 2
+    pairs = {frozenset((e["path"], e["near_duplicate"])) for e in check["examples"]}
+    assert pairs == {frozenset(("photo/cat/cat_0.png", "art/dog/copy_q40.jpg")),
+                     frozenset(("photo/cat/cat_0.png", "art/cat/copy_small.jpg"))}
+    assert all(e["bits"] <= NEAR_BITS and {e["domain"], e["its_domain"]} == {"photo", "art"} for e in check["examples"])
+    text = (tmp_path / "r" / report["dataset"] / "validation.md").read_text()
+    assert "warning: no near-duplicate pictures across domains" in text
+    assert "art/dog/copy_q40.jpg" in text and "photo/cat/cat_0.png" in text
+
+
+def test_different_pictures_and_twins_within_a_domain_give_no_warning(tmp_path):
+    src = _near_dup_dataset(tmp_path / "src", {"photo/dog/same_domain.jpg": (101, "JPEG", {"quality": 40})})
+    ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
+    cfg = ValidationConfig(min_per_class=1, min_size=8, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS)
+    report = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "r", cfg)
+    assert report["success"] and _near_dup_check(report) is None
+    assert "no near-duplicate pictures across domains (perceptual hashes within 32 of 256 bits)" in report["passed"]
+
+
+def test_byte_identical_copies_stay_an_error_not_also_a_near_duplicate(tmp_path):
+    src = _near_dup_dataset(tmp_path / "src", {})
+    shutil.copy(src / "photo" / "cat" / "cat_0.png", src / "art" / "cat" / "copy.png")
+    ingest(src, tmp_path / "m", progress=False, max_pixels=MAX_PIXELS)
+    cfg = ValidationConfig(min_per_class=1, min_size=8, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS)
+    report = validate_manifest(tmp_path / "m" / MANIFEST, tmp_path / "r", cfg)
+    assert not report["success"] and "no identical content across domains" in {c["check"] for c in report["failures"]}
+    assert _near_dup_check(report) is None
+
+
+def test_near_pairs_compares_in_chunks_across_groups_only():
+    from bne.dedup import WORDS, near_pairs
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, (700, WORDS), dtype=np.uint64)
+    hashes[650] = hashes[3]
+    hashes[650, 0] ^= np.uint64(0b111)  # 3 bits from row 3
+    hashes[10] = hashes[3]  # identical, same group as row 3
+    groups = ["a"] * 600 + ["b"] * 100
+    assert near_pairs(hashes, groups, 5, chunk=64) == [(3, 650, 3), (10, 650, 3)]
+    assert near_pairs(hashes, groups, 2, chunk=64) == []
+    assert near_pairs(hashes, groups, 5, skip=[i == 650 for i in range(700)]) == []
+
+
+# ----------------------------------------------------------------------------------------- 8. torn artifacts
+
+
+def _truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _branch_outputs(path: Path) -> Path:
+    from bne.evaluate import BranchOutputs
+
+    BranchOutputs(torch.rand(2, 4, 3), torch.zeros(4, dtype=torch.int64), {("per_branch", "running", "w2"): torch.rand(2, 4, 5)}).save(path)
+    return path
+
+
+def _parquet(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"domain": ["a"] * 64, "mean": np.arange(64.0)}), path)
+    return path
+
+
+def _json(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seeds": {"0": {"bne": {"model_sha256": "0" * 64}}}, "note": "é" * 40}))
+    return path
+
+
+def _npy(path: Path) -> Path:
+    from bne.io import save_npy
+
+    save_npy(path, np.zeros(64, dtype=np.int64))
+    return path
+
+
+#: name: (make the torn file (layout, model folder) -> its path, the command, the stage the message names)
+TORN = {
+    "json: a fold's training record": (lambda lay, m: _truncate(_json(lay.fold(TARGET).train() / "train.json")),
+                                       ["stats", "extract", "--target", TARGET], "train"),
+    "json: an evaluation record": (lambda lay, m: _truncate(_json(lay.fold(TARGET).eval() / "fold.json")), ["report"], "evaluate"),
+    "json: a model description": (lambda lay, m: _truncate(m / "model.json"), ["predict", "MODEL_IMAGE", "--model", "MODEL"], "final"),
+    "npz: source-validation outputs": (lambda lay, m: (_npy(lay.fold(TARGET).embed(0) / "val_domains.npy"),
+                                                       _truncate(_branch_outputs(lay.fold(TARGET).embed(0) / "val_outputs.npz")))[1],
+                                       ["tune", "--target", TARGET], "embed"),
+    "npy: source-validation domains": (lambda lay, m: (_branch_outputs(lay.fold(TARGET).embed(0) / "val_outputs.npz"),
+                                                       _truncate(_npy(lay.fold(TARGET).embed(0) / "val_domains.npy")))[1],
+                                       ["tune", "--target", TARGET], "embed"),
+    "npy: the image cache": (lambda lay, m: _truncate(lay.cache(32) / f"{STYLES[0]}.npy"), ["train", "--target", TARGET], "cache"),
+    "parquet: a fold's statistics (embed)": (lambda lay, m: _truncate(_parquet(lay.fold(TARGET).stats)), ["embed", "--target", TARGET], "stats"),
+    "parquet: a fold's statistics (stats show)": (lambda lay, m: _truncate(_parquet(lay.fold(TARGET).stats)), ["stats", "show", "STATS"], "stats"),
+    "parquet: a model's statistics (predict)": (lambda lay, m: _truncate(m / "stats.parquet"), ["predict", "MODEL_IMAGE", "--model", "MODEL"], "final"),
+    "parquet: a model's statistics (stats show)": (lambda lay, m: _truncate(m / "stats.parquet"), ["stats", "show", "MODEL/stats.parquet"], "final"),
+    "parquet: the ingest manifest": (lambda lay, m: _truncate(lay.ingest / MANIFEST), ["validate"], "ingest"),
+}
+
+
+@pytest.mark.parametrize("name", list(TORN))
+def test_a_torn_artifact_is_one_line_naming_it_and_the_stage_to_rerun(name, fresh, model_dir, tmp_path):
+    p, layout, tmp = fresh
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    make, command, stage = TORN[name]
+    path = make(layout, model)
+    image = _png(tmp_path / "x.png")
+    args = [str(model) + a[len("MODEL"):] if a.startswith("MODEL/") else {"MODEL": str(model), "MODEL_IMAGE": str(image),
+            "STATS": str(layout.fold(TARGET).stats)}.get(a, a) for a in command]
+    if command[0] not in ("predict", "stats") or command[1] == "extract":
+        args += ["--params", str(tmp / "params.yaml"), "--root", str(layout.root)]
+    res = CliRunner().invoke(app, args)
+    out = res.output.strip()
+    assert res.exit_code == 1 and "Traceback" not in res.output, (name, res.output)
+    assert out.count("\n") == 0 and out.startswith(f"error: {path}"), (name, out)
+    assert f"rerun the {stage}" in out, (name, out)

@@ -100,7 +100,7 @@ def test_stats_parquet_round_trip_and_cli(tmp_path):
     st = running_stats(model.norm_layers())
     table = pa.table(stats_table([st], ["a", "b"], dataset="syn", held_out="c")).replace_schema_metadata({"norm": "bn"})
     pq.write_table(table, tmp_path / "stats.parquet")
-    meta, kinds, domains = read_stats_table(str(tmp_path / "stats.parquet"))
+    meta, kinds, domains = read_stats_table(str(tmp_path / "stats.parquet"), stage="stats")
     assert meta == {"norm": "bn"} and domains == ["a", "b"] and list(kinds) == ["running"]
     back = kinds["running"]
     for i in range(len(st.mean)):

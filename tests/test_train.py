@@ -15,12 +15,14 @@ from bne.train import ENSEMBLE_LOSS_OPTIONS, build_optimizer, ensemble_loss, lr_
 from conftest import spec as make_spec
 from conftest import train_cfg
 
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sources(root, tmp_path):
     ds = load_folder_dataset(root, val_fraction=0.25)
-    arrays = load_cache(ds, build_cache(ds, 24, tmp_path / "cache", workers=2))
+    arrays = load_cache(ds, build_cache(ds, 24, tmp_path / "cache", workers=2, max_pixels=MAX_PIXELS))
     return [arrays[d] for d in ds.domains[:2]]
 
 

@@ -18,6 +18,8 @@ from bne.embedding import DISTANCES
 from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict
 from conftest import augment_cfg, options, spec, train_cfg
 
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 HELD_OUT = "green_on_black"
 
@@ -154,7 +156,7 @@ def one_torch_thread():
 def synthetic_cache(synthetic_root, tmp_path_factory):
     """The cache stage's output for every domain (built before tuning starts)."""
     ds = load_folder_dataset(synthetic_root, val_fraction=0.25)
-    return ds, build_cache(ds, 32, tmp_path_factory.mktemp("tune_cache"), workers=2, progress=False)
+    return ds, build_cache(ds, 32, tmp_path_factory.mktemp("tune_cache"), workers=2, progress=False, max_pixels=MAX_PIXELS)
 
 
 SPACE = tune.TrainSpace(lr=(1e-3, 1e-1), weight_decay=(1e-5, 1e-2), epochs=None, augment_strength=(0.0, 1.5))

@@ -16,8 +16,11 @@ from tasks.cli import app
 from bne.ingest import MANIFEST, ingest, validated_path
 from tasks.validate import ValidationConfig, config_for, summary, validate_manifest
 
-CFG = ValidationConfig(min_per_class=5, min_size=32)
-SUITE = ["--min-per-class", "5", "--min-size", "32"]
+MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
+NEAR_BITS = 32  # perceptual-hash bits across domains that warn (params.yaml validation.near_duplicate_bits)
+
+CFG = ValidationConfig(min_per_class=5, min_size=32, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS)
+SUITE = ["--min-per-class", "5", "--min-size", "32", "--near-duplicate-bits", str(NEAR_BITS), "--max-pixels", str(MAX_PIXELS)]
 
 DOMAINS = ("red_on_white", "yellow_on_blue")
 
@@ -28,7 +31,7 @@ def root(tmp_path):
 
 
 def _ingest(root, tmp_path):
-    ingest(root, tmp_path / "data", name="toy", progress=False)
+    ingest(root, tmp_path / "data", name="toy", progress=False, max_pixels=MAX_PIXELS)
     return tmp_path / "data" / MANIFEST
 
 
@@ -112,10 +115,10 @@ def test_identical_content_across_domains_and_splits(root, tmp_path):
 
 def test_few_images_warn_and_configuration_must_match(root, tmp_path):
     manifest = _ingest(root, tmp_path)
-    report = validate_manifest(manifest, tmp_path / "reports", ValidationConfig(min_per_class=7, min_size=32))
+    report = validate_manifest(manifest, tmp_path / "reports", ValidationConfig(min_per_class=7, min_size=32, near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS))
     assert report["success"] and report["warnings"][0]["unexpected_count"] == 6
     assert "warning: at least 7 images per domain and class (6)\n    domain=red_on_white, class=circle, value=6" in summary(report)
-    cfg = ValidationConfig(min_per_class=5, min_size=32, domains=("red_on_white", "yellow_on_blue", "green_on_black"), classes=("circle", "square", "triangle"))
+    cfg = ValidationConfig(min_per_class=5, min_size=32, domains=("red_on_white", "yellow_on_blue", "green_on_black"), classes=("circle", "square", "triangle"), near_duplicate_bits=NEAR_BITS, max_pixels=MAX_PIXELS)
     failed = _failed(validate_manifest(manifest, tmp_path / "reports", cfg))
     assert list(failed) == ["domains match the configuration"]
     assert failed["domains match the configuration"]["examples"] == [{"missing": "green_on_black"}]

@@ -130,7 +130,7 @@ def measure(packed: Path, params: Path, work: Path, limit: int | None, threads: 
         preds = {}
         for version, base, name in (("original", root, lambda rel: rel), ("packed", packed / "images", renamed)):
             with ThreadPoolExecutor(threads) as pool:
-                imgs = np.stack(list(pool.map(lambda s: decode_image(base / name(s.path), res), samples)))
+                imgs = np.stack(list(pool.map(lambda s: decode_image(base / name(s.path), res, max_pixels=p.dataset.max_pixels), samples)))
             bp, _ = bne_inference(model, imgs, kinds[opts.embedding], opts, batch, device, chunk=chunk)
             dp = plain_probs(deep, imgs, batch, device)
             res[version] = {"bne": accuracy(bp, labels), "deepall": accuracy(dp, labels)}

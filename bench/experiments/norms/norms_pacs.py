@@ -75,6 +75,7 @@ class Config(NamedTuple):
     root: Path
     splits: Path | None
     val_fraction: float
+    max_pixels: int
     seeds: list[int]
     device: str
     model: ModelSpec  # num_classes set from the data by ``Fold``
@@ -87,7 +88,7 @@ def config(params: Path, overrides: list[str]) -> Config:
     p = P.load(params, overrides)
     base = Path(params).resolve().parent
     return Config(p.dataset.name, P.resolve(base, p.dataset.root), P.resolve(base, p.dataset.splits), p.dataset.val_fraction,
-                  list(p.train.seeds), p.train.device, p.model.spec(num_classes=1), p.train.config(seed=0), p.eval.batch,
+                  p.dataset.max_pixels, list(p.train.seeds), p.train.device, p.model.spec(num_classes=1), p.train.config(seed=0), p.eval.batch,
                   p.eval.options.options())
 
 
@@ -123,7 +124,8 @@ class Fold:
             raise SystemExit(f"--target {target!r} is not a domain of {cfg.root} ({self.ds.domains})")
         self.cfg = cfg._replace(model=replace(cfg.model, num_classes=len(self.ds.classes)))
         self.target, self.eval_limit, self.seed = target, eval_limit, seed
-        self.cache = build_cache(self.ds, resolution, cache_root / cfg.name / str(resolution), progress=True)
+        self.cache = build_cache(self.ds, resolution, cache_root / cfg.name / str(resolution), progress=True,
+                                 max_pixels=cfg.max_pixels)
         arrays = load_cache(self.ds, self.cache, skip=[target])  # the held-out domain's file is not opened
         self.sources = [arrays[d] for d in self.ds.domains if d != target]
         samples = self.ds.of(target)
