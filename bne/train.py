@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bne.augment import BatchAugment
@@ -143,10 +144,13 @@ def train_key(cfg: TrainConfig, method: str) -> dict:
 
 
 def spec_key(spec: ModelSpec) -> dict:
-    """The settings of ``spec`` that change the network: with ``norm: bn`` the other layers' knobs drop out."""
+    """The settings of ``spec`` that change the network: with ``norm: bn`` the other layers' knobs drop out, and so
+    does ``domain_layers`` when it is ``all`` or the network has no domains (checkpoints of before it stay valid)."""
     d = asdict(spec)
     if d.get("norm", "bn") == "bn":
-        d = {k: v for k, v in d.items() if k != "norm" and not k.startswith(("norm_", "bgn_", "cbn_", "mbn_", "iebn_", "proxy_"))}
+        d = {k: v for k, v in d.items() if k != "norm" and not k.startswith(("norm_", "bgn_", "cbn_", "mbn_", "iebn_", "proxy_", "simplex_"))}
+    if d.get("domain_layers") == "all" or not spec.domains:
+        d.pop("domain_layers", None)
     return d
 
 
@@ -165,14 +169,15 @@ def ensemble_loss(model: DGNet, x: torch.Tensor, y: torch.Tensor, opts: Inferenc
             "set train.ensemble_own_out: false or train.ensemble_loss: 0"
         )
     layers = model.norm_layers()
-    modes = [layer.training for layer in layers]
+    frozen = [*layers, *(m for m in model.modules() if type(m) is nn.BatchNorm2d)]  # shared layers too (domain_layers)
+    modes = [layer.training for layer in frozen]
     rec = InstanceRecorder()
     try:
-        for layer in layers:
+        for layer in frozen:
             layer.eval()
         logits = model(x.repeat(s, 1, 1, 1), domains=list(range(s)), recorder=rec).view(s, n, -1)
     finally:
-        for layer, mode in zip(layers, modes):
+        for layer, mode in zip(frozen, modes):
             layer.train(mode)
     with torch.no_grad():
         layer_mean = layer_mean_matrix([layer.num_features for layer in layers]).to(x.device)

@@ -85,11 +85,14 @@ class Model(Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     drop_connect: Annotated[float, Field(ge=0.0, lt=1.0)]
     norm: Literal[NORMS]  # type: ignore[valid-type]
+    domain_layers: Literal["all"] | Annotated[int, Field(ge=1)]  # "all" | k: the first k stages domain-specific
     norm_groups: Annotated[int, Field(ge=1)]
     cbn_window: Annotated[int, Field(ge=1)]
     cbn_burnin: Annotated[int, Field(ge=0)]
     mbn_window: Annotated[int, Field(ge=1)]
     proxy_eps: Positive
+    simplex_concentration: Positive
+    simplex_leave_out: Unit
 
     def spec(self, num_classes: int, domains: Iterable[str] = ()) -> ModelSpec:
         """The network's spec for ``num_classes`` classes; ``domains`` empty: an ordinary (DeepAll) network."""

@@ -62,6 +62,8 @@ def test_library_configs_have_no_defaults_of_their_own():
     ("train.augment.crop_scale=[0.9, 0.5]", "train.augment.crop_scale", "[0.9, 0.5]"),
     ("model.backbone=vgg", "model.backbone", "'vgg'"),
     ("model.norm=layernorm", "model.norm", "'layernorm'"),
+    ("model.domain_layers=0", "model.domain_layers", "0"),
+    ("model.domain_layers=some", "model.domain_layers", "'some'"),
     ("dataset.val_fraction=1.5", "dataset.val_fraction", "1.5"),
     ("eval.options.power=-3", "eval.options.power", "-3"),
     ("eval.options.distance=foo", "eval.options.distance", "'foo'"),

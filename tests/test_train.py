@@ -259,7 +259,7 @@ def test_speed_benchmark_runs_quickly(tmp_path):
     report = json.loads(out.read_text())
     assert not report["errors"]
     for key in ("bne_vs_deepall_train_throughput", "loader_vs_trainer_throughput", "bne_inference_vs_branch_forwards",
-                "single_pass_vs_deepall", "stats_extraction_images_per_s"):
+                "single_pass_vs_deepall", "mixstats_vs_deepall", "stats_extraction_images_per_s"):
         assert report["measurements"][key]["value"] > 0, key
     assert report["settings"]["train"]["per_domain_batch"] == 2 and report["settings"]["model"]["backbone"] == "resnet18"
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["loadavg_before"] is not None
