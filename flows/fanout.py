@@ -66,7 +66,10 @@ def submit_fold(deployment: str, parameters: dict, poll: float) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     target = parameters["target"]
-    run = run_deployment(name=f"dg-fold/{deployment}", parameters=parameters, poll_interval=poll, timeout=None)
+    try:
+        run = run_deployment(name=f"dg-fold/{deployment}", parameters=parameters, poll_interval=poll, timeout=None)
+    except Exception as e:  # noqa: BLE001 - e.g. no such deployment: say which fold and what
+        raise RuntimeError(f"fold {target}: cannot submit to dg-fold/{deployment}: {type(e).__name__}: {e}") from e
     if not run.state or not run.state.is_completed():
         state = run.state.type.value if run.state else "unknown"
         raise RuntimeError(f"fold {target}: dg-fold run {run.name!r} ended {state}: {run.state.message if run.state else ''}")
@@ -94,7 +97,9 @@ def run_pool(root: Path, params: P.Params, order: list[str]) -> tuple[dict, dict
     fan = params.fanout
     commit = coordinator_commit(root)
     remote = remote_url(root)
-    ran = {s: run_stage.with_options(name=s)(s, str(root)) for s in order if s in BEFORE}
+    # The stages here run the project's own code too (its folder first on the import path), as the workers' do.
+    code = {"PYTHONPATH": str(root)}
+    ran = {s: run_stage.with_options(name=s)(s, str(root), extra_env=code) for s in order if s in BEFORE}
     dvc(root, "push", *INPUT_STAGES)
     logger.info("inputs pushed to %s; submitting %d fold(s) to dg-fold/%s on pool %s at %s", remote,
                 len(params.dataset.folds), fan.deployment, fan.pool, commit[:12])
@@ -107,7 +112,7 @@ def run_pool(root: Path, params: P.Params, order: list[str]) -> tuple[dict, dict
         try:
             folds[t] = fut.result()
         except Exception as e:  # noqa: BLE001 - every fold is waited for, then the failures are named together
-            failed[t] = str(e).splitlines()[0]
+            failed[t] = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(futures)} fold(s) failed for good after {fan.retries} retr"
                            f"{'y' if fan.retries == 1 else 'ies'}: {', '.join(failed)}; " + "; ".join(failed.values()))
@@ -122,5 +127,5 @@ def run_pool(root: Path, params: P.Params, order: list[str]) -> tuple[dict, dict
     if "up to date" not in status:
         raise RuntimeError(f"the folds' outputs pulled from {remote} do not match dvc.lock:\n{status[-2000:]}")
     ran |= {s: any(rec["ran"].get(s) for rec in folds.values()) for s in fold_stages}
-    ran |= {s: run_stage.with_options(name=s)(s, str(root)) for s in order if s not in ran}
+    ran |= {s: run_stage.with_options(name=s)(s, str(root), extra_env=code) for s in order if s not in ran}
     return ran, folds

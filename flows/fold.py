@@ -13,7 +13,8 @@ temporary name and renames it, and the coordinator only ever asks for the hashes
 interrupted push never passes for a complete output.
 
 The folder is removed afterwards, also after a failure (``keep``: kept). A killed run is not resumed: the
-coordinator submits the fold again (``fanout.retries``) and it starts in a new folder.
+coordinator submits the fold again (``fanout.retries``) and it starts in a new folder; a worker of ``make workers``
+(one run at a time, ``BNE_WORKSPACE_EXCLUSIVE=1``) removes the folders killed runs left in its workspace first.
 """
 
 from __future__ import annotations
@@ -161,7 +162,13 @@ def dg_fold(
         raise ValueError(f"fold {target!r} of {dataset!r} is not configured by the coordinator's params.yaml "
                          f"(dataset {params.dataset.name!r}, folds {params.dataset.folds})")
     worker = os.environ.get("BNE_WORKER") or socket.gethostname()
-    ws = Path(tempfile.mkdtemp(prefix=f"{dataset}-{target}-", dir=workspace_base()))
+    base = workspace_base()
+    if os.environ.get("BNE_WORKSPACE_EXCLUSIVE") == "1":  # a worker of make workers (--limit 1): any fold folder here
+        for stale in base.glob("*-*-*"):                 # is a killed run's, left behind
+            if stale.is_dir() and (stale / ".git").exists():
+                logger.info("removing %s, left by a killed run", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    ws = Path(tempfile.mkdtemp(prefix=f"{dataset}-{target}-", dir=base))
     logger.info("dg-fold %s of %s on worker %s (pid %d) in %s at %s", target, dataset, worker, os.getpid(), ws, commit[:12])
     try:
         checkout(repo, commit, ws, params_yaml, lock)

@@ -56,7 +56,7 @@ def start(n: int, pool: str, base: Path = BASE, env: dict | None = None, names: 
         pid_file = ws / PID
         if pid_file.is_file() and _ours(int(pid_file.read_text()), "prefect", "worker"):
             raise RuntimeError(f"worker {name} already runs (pid {pid_file.read_text()}); make stop first")
-        wenv = {**os.environ, **(env or {}), "BNE_WORKSPACE": str(ws), "BNE_WORKER": name,
+        wenv = {**os.environ, **(env or {}), "BNE_WORKSPACE": str(ws), "BNE_WORKER": name, "BNE_WORKSPACE_EXCLUSIVE": "1",
                 "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
         with open(ws / "worker.log", "ab") as log:

@@ -154,7 +154,8 @@ def run(tmp_path_factory):
                 runs = c.execute("select f.name, r.state_type from flow_run r join flow f on f.id = r.flow_id").fetchall()
             stop_workers(workers_base)
             single = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ref,
-                                    env={**env, "PATH": str(Path(sys.executable).parent) + os.pathsep + env["PATH"]},
+                                    env={**env, "PATH": str(Path(sys.executable).parent) + os.pathsep + env["PATH"],
+                                         "PYTHONPATH": str(ref)},  # the copy's code, as the pool run's stages
                                     capture_output=True, text=True, timeout=1200)
             assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
             yield {"coord": coord, "ref": ref, "result": result, "killed": killed, "noop": noop, "runs": runs,
