@@ -1,0 +1,196 @@
+"""The full pipeline in one process vs its folds on N process workers with one torch thread each (issue 16).
+
+    python bench/fanout.py                                  # PACS, the CPU protocol of params.yaml: NOT quick (hours)
+    python bench/fanout.py --source DIR --set train.resolution=32 ...   # a small <domain>/<class>/<image> folder
+    python bench/fanout.py --workers 2 --threads 1 --single-threads 1   # the defaults
+
+Two fresh copies of the project (``git clone`` of this checkout's ``HEAD`` with this ``params.yaml``, or with
+``--source`` a smoke project of that folder, every image), identical parameters, each with its own DVC cache:
+
+- ``single``: ``dvc repro`` (every stage in one process tree), ``OMP_NUM_THREADS=--single-threads`` (empty: torch's
+  default; the issue compares against one thread per training, the same thread count as the workers, so the
+  metrics can be compared bit for bit);
+- ``pool``: a Prefect server on a free 127.0.0.1 port (SQLite in the run's folder), the ``dg-fold`` deployment, N
+  process workers (``OMP_NUM_THREADS=--threads``) in workspaces of their own, a DVC remote in the run's folder, and
+  ``dg-pipeline`` with ``mode=pool``.
+
+Writes ``--out`` (default ``reports/bench/fanout.json``): both wall times, their ratio (single / pool; the issue's
+goal is >= 1.4 with 2 workers on 2 cores), the metrics of both runs, the largest absolute difference between their
+tables and whether the ``dvc.lock`` files match (outputs' hashes aside, which carry timings). Everything it starts
+is stopped at the end, also after a failure; the copies are removed unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(ROOT)]
+
+from bne.io import write_json  # noqa: E402
+from flows.dvc import SMOKE_MARKER, dvc, env as stage_env  # noqa: E402
+from flows.serve import wait_healthy  # noqa: E402
+from tasks import params as P  # noqa: E402
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def make_copy(dest: Path, source: Path | None, overrides: list[str], remote: Path | None) -> Path:
+    """A committed project copy in ``dest`` (the workers clone it), ``overrides`` applied, ``remote`` its default."""
+    if source is not None:
+        from flows.smoke import build
+
+        build(dest, source=source, per_class=10**9)
+        overrides = ["train.seeds=[0]", *overrides]
+    else:
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
+        shutil.copy(ROOT / P.PARAMS_FILE, dest / P.PARAMS_FILE)
+        raw = P.read_raw(ROOT / P.PARAMS_FILE)  # the data stays where it is: its paths made absolute
+        overrides = [f"dataset.root={P.resolve(ROOT, raw['dataset']['root'])}",
+                     *([f"dataset.splits={P.resolve(ROOT, raw['dataset']['splits'])}"] if raw["dataset"]["splits"] else []),
+                     *overrides]
+        site = dest / ".dvc" / "site-cache"
+        dvc(dest, "config", "--local", "core.site_cache_dir", str(site), extra_env={"DVC_SITE_CACHE_DIR": str(site)})
+        (dest / SMOKE_MARKER).write_text(json.dumps({"made_by": "bench/fanout.py", "project": str(ROOT)}) + "\n")
+    if overrides:
+        P.write_overrides(dest / P.PARAMS_FILE, overrides)
+    if remote is not None:
+        dvc(dest, "remote", "add", "--local", "--force", "--default", "bench", str(remote))
+    with open(dest / ".dvc" / ".gitignore", "a") as f:
+        f.write("/site-cache\n")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "bench copy", "--allow-empty")
+    return dest
+
+
+def threads_env(n: str) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n} if n else {}
+
+
+def run_single(proj: Path, threads: str) -> float:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj,
+                          env={**stage_env(), **threads_env(threads), "PYTHONPATH": str(proj)})  # the copy's code
+    if proc.returncode:
+        raise RuntimeError(f"dvc repro failed in {proj}")
+    return time.time() - t0
+
+
+def run_pool(proj: Path, work: Path, n: int, threads: str) -> tuple[float, dict]:
+    from flows.workers import start, stop
+
+    port = free_port()
+    env = {**stage_env(), "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port), "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(port, timeout=180, proc=server)
+        fan = P.load(proj / P.PARAMS_FILE).fanout  # the pool and deployment the coordinator submits to
+        reg = subprocess.run([sys.executable, "-c", f"from flows.workers import register; register({fan.pool!r}, {fan.deployment!r})"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)  # a process of its own: the server's settings
+        if reg.returncode:
+            raise RuntimeError(f"registering dg-fold/{fan.deployment} failed:\n{reg.stderr[-3000:]}")
+        start(n, fan.pool, work / "workers", env={**env, **threads_env(threads)})
+        code = ("import json; from flows.dg_pipeline import dg_pipeline; "
+                f"r = dg_pipeline(dataset={P.load(proj / P.PARAMS_FILE).dataset.name!r}, root={str(proj)!r}, mode='pool'); "
+                "print('RESULT ' + json.dumps(r))")
+        t0 = time.time()
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.time() - t0
+        if out.returncode:
+            raise RuntimeError(f"the pool run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        return seconds, result
+    finally:
+        stop(work / "workers")
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def table_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two metrics tables (numbers at the same keys)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max([table_diff(a[k], b[k]) for k in a.keys() & b.keys()] or [0.0])
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b))
+    return 0.0
+
+
+def lock_without_hashes(proj: Path) -> dict:
+    import yaml
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("md5", "hash", "size", "nfiles") and k != "tune.storage"}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(yaml.safe_load((proj / "dvc.lock").read_text())["stages"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, help="a small <domain>/<class>/<image> folder instead of params.yaml's dataset")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value for both copies")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", default="1", help="OMP_NUM_THREADS of each worker")
+    ap.add_argument("--single-threads", default="1", help="OMP_NUM_THREADS of the single process ('' : torch's default)")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "fanout.json")
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bne-fanout-bench-"))
+    try:
+        single = make_copy(work / "single", a.source, a.overrides, None)
+        pool = make_copy(work / "pool", a.source, a.overrides, work / "dvc-remote")
+        s_single = run_single(single, a.single_threads)
+        s_pool, result = run_pool(pool, work, a.workers, a.threads)
+        name = P.load(single / P.PARAMS_FILE).dataset.name
+        m_single = json.loads((single / "reports" / name / "metrics.json").read_text())
+        m_pool = json.loads((pool / "reports" / name / "metrics.json").read_text())
+        report = {
+            "dataset": name, "source": str(a.source or "params.yaml"), "overrides": a.overrides,
+            "workers": a.workers, "threads_per_worker": a.threads, "single_threads": a.single_threads or "torch default",
+            "single_s": round(s_single, 1), "pool_s": round(s_pool, 1), "speedup": round(s_single / s_pool, 3),
+            "folds": {t: {"worker": r["worker"]} for t, r in result["folds"].items()},
+            "metrics_single": m_single, "metrics_pool": m_pool, "metrics_max_abs_diff": table_diff(m_single, m_pool),
+            "lock_equal_but_hashes": lock_without_hashes(single) == lock_without_hashes(pool),
+            "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        }
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(a.out, report)
+        print(json.dumps({k: report[k] for k in ("single_s", "pool_s", "speedup", "metrics_max_abs_diff", "lock_equal_but_hashes")}))
+    finally:
+        if a.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
