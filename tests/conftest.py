@@ -20,7 +20,14 @@ from bne.train import TrainConfig
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+#: ``make test`` runs the modules on pytest-xdist workers, one per core (pyproject's addopts): each worker gets its
+#: share of the cores, and so do the processes its tests start (stage commands under DVC, the serving process), or
+#: the workers' torch threads would outnumber the cores and tiny steps crawl. Without xdist: 2 threads as before.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The project's parameters: the tests take every setting they do not change from ``params.yaml``.
@@ -97,3 +104,16 @@ def save_mode_variants(src: Path) -> None:
     rgb.convert("RGBA").save(src.parent / "rgba.png")
     rgb.convert("CMYK").save(src.parent / "cmyk.jpg")
     rgb.convert("P").save(src.parent / "palette.png")
+
+
+#: The slowest modules, slowest first (measured with ``--durations``). ``--dist loadfile --no-loadscope-reorder``
+#: (pyproject's addopts) hands whole modules to the workers in collection order, so these start at once rather
+#: than last (xdist would otherwise order modules by their number of tests); without xdist the order is harmless.
+SLOW_FIRST = ("test_scaleout.py", "test_flow.py", "test_serve.py", "test_train.py", "test_gpu_bench.py",
+              "test_inference.py", "test_lodo_synthetic.py", "test_distributed.py", "test_tune.py", "test_stats.py",
+              "test_reliability.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order is kept

@@ -3,12 +3,13 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def served(tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("serve")
     port, home = free_port(), tmp_path / "prefect-home"
-    env = {**os.environ, **settings(port, home)}
+    (tmp_path / "tmp").mkdir()  # the served processes' temporary folder: what a smoke run leaves there is its own
+    env = {**os.environ, **settings(port, home), "TMPDIR": str(tmp_path / "tmp")}
     try:
         out = subprocess.run([sys.executable, "-m", "flows.serve", "--detach", "--port", str(port), "--home", str(home)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -65,7 +67,8 @@ def served(tmp_path_factory):
 def test_smoke_deployment_runs_to_completion_and_leaves_nothing(served, tmp_path):
     env, port, _ = served
     assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{port}/api"
-    before = set(Path(tempfile.gettempdir()).glob("bne-smoke-*"))
+    tmp = Path(env["TMPDIR"])  # the serving process's temporary folder, which no other test or run writes to
+    assert not list(tmp.glob("bne-smoke-*"))
     data = make_dataset(tmp_path / "syn", styles=("red_on_white", "yellow_on_blue", "noisy_gray"), per_class=6, size=40)
     run = subprocess.run(
         [sys.executable, "-m", "prefect", "deployment", "run", "dg-pipeline/smoke", "--watch",
@@ -74,7 +77,24 @@ def test_smoke_deployment_runs_to_completion_and_leaves_nothing(served, tmp_path
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
-    assert set(Path(tempfile.gettempdir()).glob("bne-smoke-*")) <= before  # the smoke copy was removed
+    made = smoke_copy(port, re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1))
+    assert made.parent == tmp and made.name.startswith("bne-smoke-")  # the run made its copy there...
+    assert not made.exists() and not list(tmp.glob("bne-smoke-*"))  # ...and removed it
+
+
+def smoke_copy(port: int, flow_run: str) -> Path:
+    """The smoke project a flow run worked in, from its log line "smoke project in PATH (...)" on the server."""
+    body = json.dumps({"logs": {"flow_run_id": {"any_": [flow_run]}}, "limit": 200}).encode()
+    deadline = time.time() + 60
+    while True:  # the run's logs reach the server in batches: the line may follow the Completed state
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/logs/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            found = [m.group(1) for log in json.load(r) if (m := re.match(r"smoke project in (\S+) \(", log["message"]))]
+        if found or time.time() > deadline:
+            assert len(found) == 1, f"flow run {flow_run}: no single 'smoke project in' line in its logs"
+            return Path(found[0])
+        time.sleep(1)
 
 
 def test_unknown_deployment_parameter_fails(served):
