@@ -1,4 +1,4 @@
-"""flows/relock.py: new dependency hashes recorded in dvc.lock while an absent output keeps its locked hash."""
+"""tools/relock.py: new dependency hashes recorded in dvc.lock while an absent output keeps its locked hash."""
 
 import subprocess
 import sys
@@ -27,7 +27,7 @@ def test_relock_records_new_deps_and_keeps_absent_outputs(tmp_path):
     (tmp_path / "out.txt").unlink()  # the output is not in this workspace
     with open(tmp_path / "make.py", "a") as f:
         f.write("# a comment: the output cannot change\n")
-    run = [sys.executable, "-m", "flows.relock", "--root", str(tmp_path)]
+    run = [sys.executable, str(ROOT / "tools" / "relock.py"), "--root", str(tmp_path)]
     out = subprocess.run([*run, "make"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "relocked make" in out.stdout, out.stdout + out.stderr
     after = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]["make"]

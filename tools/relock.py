@@ -5,8 +5,8 @@ message, a new parameter whose value leaves the outputs as they were), this reco
 dependency hashes and parameter values and keeps the locked output hashes, as `dvc commit` would have. Use it
 only with evidence that the outputs are unchanged (rerun one stage and compare, say) and say so in the commit.
 
-    python -m flows.relock                 # every locked stage
-    python -m flows.relock train@sketch    # just these
+    python tools/relock.py                 # every locked stage
+    python tools/relock.py train@sketch    # just these
 """
 
 from __future__ import annotations
