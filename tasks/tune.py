@@ -124,23 +124,32 @@ def open_storage(storage: str | Path) -> optuna.storages.BaseStorage:
 
 def _sampler(seed: int, n_trials: int, shared: bool = False) -> optuna.samplers.TPESampler:
     """Seeded TPE. Random start-up trials: TPE's default of 10, fewer for small budgets. ``shared`` (an RDB study
-    other processes may run at once): ``constant_liar``, so that trials running elsewhere count as bad results
-    and are not sampled again (a single process never sees another running trial: the same trials as without)."""
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, n_trials // 2)), constant_liar=shared)
+    other processes may run at once): :class:`_TrialSeededTPE` with ``constant_liar``, so that trials running
+    elsewhere count as bad results and are not sampled again."""
+    kw = dict(seed=seed, n_startup_trials=max(1, min(10, n_trials // 2)))
+    return _TrialSeededTPE(**kw, constant_liar=True) if shared else optuna.samplers.TPESampler(**kw)
+
+
+class _TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE whose random state is set from (seed, trial number) before every trial. The database numbers each trial
+    of a study once, so processes sharing a study (even ones that join at the same moment) draw from different
+    streams, and a study run again with the same seed gets the same draws trial by trial."""
+
+    def __init__(self, *, seed: int, **kw) -> None:
+        super().__init__(seed=seed, **kw)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        s = (self._base_seed * 1_000_003 + trial.number) % 2**32
+        self._rng.rng.seed(s)  # TPE's own draws and its start-up RandomSampler's (optuna 5.0's attributes)
+        self._random_sampler._rng.rng.seed(s)
+        super().before_trial(study, trial)
 
 
 def _create_study(storage: str | Path, study_name: str, seed: int, n_trials: int, **kwargs) -> optuna.Study:
-    """Create or load ``study_name``. On an RDB storage a process that joins a study already holding trials seeds
-    its sampler with ``seed`` + that count, so processes joining one after another do not draw the same random
-    start-up trials; the first process (or a single one) uses ``seed``, as with a journal."""
-    shared = is_rdb(storage)
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage), sampler=_sampler(seed, n_trials, shared),
-                                load_if_exists=True, **kwargs)
-    if shared:
-        held = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL)))
-        if held:
-            study.sampler = _sampler(seed + held, n_trials, shared)
-    return study
+    """Create or load ``study_name`` with the seeded sampler (per trial on an RDB storage: :class:`_TrialSeededTPE`)."""
+    return optuna.create_study(study_name=study_name, storage=open_storage(storage),
+                               sampler=_sampler(seed, n_trials, is_rdb(storage)), load_if_exists=True, **kwargs)
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

