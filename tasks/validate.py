@@ -341,6 +341,9 @@ def validate_manifest(
     manifest_path = Path(manifest_path)
     meta = read_manifest_meta(manifest_path)
     df = pd.read_parquet(manifest_path)
+    missing = [c for c in SCHEMA.names if c not in df.columns]
+    if missing:  # the row checks need every column: refuse before any work, nothing written
+        raise ValueError(f"{manifest_path}: not a manifest of `bne ingest`: columns {missing} missing; rerun the ingest stage")
     checks = (_run_gx(df, _suite(meta, config)) + _row_checks(df, meta, config) + _source_checks(df, meta, config)
               + _near_duplicate_checks(df, meta, config))
     report = _plain(

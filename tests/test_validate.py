@@ -159,3 +159,13 @@ def test_nulls_labels_and_duplicate_paths_in_an_edited_manifest(root, tmp_path):
     assert failed["no nulls in sha256"]["examples"][0]["path"] == rows[1]["path"]
     assert failed["unique paths"]["unexpected_count"] == 2
     assert failed["no nulls in width of decoded images"]["examples"][0]["path"] == rows[4]["path"]
+
+
+def test_manifest_missing_a_column_is_one_line_before_any_work(root, tmp_path):
+    manifest = _ingest(root, tmp_path)
+    pq.write_table(pq.read_table(manifest).drop(["sha256"]), manifest)
+    with pytest.raises(ValueError, match=r"columns \['sha256'\] missing"):
+        validate_manifest(manifest, tmp_path / "reports", CFG)
+    assert not (tmp_path / "reports").exists()
+    result = CliRunner().invoke(app, ["validate", str(manifest), "--reports", str(tmp_path / "r2"), "--params", str(tmp_path / "none.yaml"), *SUITE])
+    assert result.exit_code != 0 and "sha256" in result.output and "Traceback" not in result.output
