@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from bne.io import read_json
 from flows.dvc import ROOT, project, run_stage
 from tasks import params as P
 from tasks.paths import Layout
@@ -24,7 +25,7 @@ def model_domains(layout: Layout) -> list[str] | None:
     """Domains of the newest model (extended, else final); None when no final model exists yet."""
     for d in (layout.extend / "model", layout.final):
         if (d / "model.json").is_file():
-            return list(json.loads((d / "model.json").read_text())["domains"])
+            return list(read_json(d / "model.json", "model description", "extend" if d != layout.final else "final")["domains"])
     return None
 
 
@@ -59,7 +60,7 @@ def retrain_new_domains(dataset: str = "pacs", root: str = str(ROOT)) -> dict:
     known = list(params.extend.domains)
     P.write_overrides(path / P.PARAMS_FILE, [f"extend.domains={json.dumps(known + [d for d in new if d not in known])}"])
     run_stage.with_options(name="extend")("extend", str(path), upstream=True)
-    report = json.loads((Layout(path, dataset).reports / "new_domains.json").read_text())
+    report = read_json(Layout(path, dataset).reports / "new_domains.json", "new-domains report", "extend")
     for r in report["results"]:
         logger.info("%s: BNE %.1f%% as an unseen domain, %.1f%% with its own branch", r["domain"], r["unseen_bne_acc"], r["own_branch_bne_acc"])
     return {"new_domains": new, "ran": True, "results": report["results"]}

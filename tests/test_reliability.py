@@ -707,3 +707,17 @@ def test_a_torn_artifact_is_one_line_naming_it_and_the_stage_to_rerun(name, fres
     assert res.exit_code == 1 and "Traceback" not in res.output, (name, res.output)
     assert out.count("\n") == 0 and out.startswith(f"error: {path}"), (name, out)
     assert f"rerun the {stage}" in out, (name, out)
+
+
+def test_retraining_flow_names_a_torn_model_description(tmp_path):
+    """flows/retrain.py reads the newest model's domains through the same one-line reader as the stages."""
+    from flows.retrain import model_domains
+    from tasks.paths import Layout
+
+    layout = Layout(tmp_path, "toy")
+    layout.final.mkdir(parents=True)
+    (layout.final / "model.json").write_text('{"domains": ["a", "b"]')  # torn: the closing brace never written
+    with pytest.raises(ValueError, match=r"model.json.*final"):
+        model_domains(layout)
+    (layout.final / "model.json").write_text('{"domains": ["a", "b"]}')
+    assert model_domains(layout) == ["a", "b"]
