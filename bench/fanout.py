@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +39,7 @@ sys.path[:0] = [str(ROOT)]
 
 from bne.io import write_json  # noqa: E402
 from flows.dvc import SMOKE_MARKER, dvc, env as stage_env  # noqa: E402
-from flows.serve import wait_healthy  # noqa: E402
+from flows.serve import interrupt, wait_healthy  # noqa: E402
 from tasks import params as P  # noqa: E402
 
 def free_port() -> int:
@@ -124,12 +123,7 @@ def run_pool(proj: Path, work: Path, n: int, threads: str) -> tuple[float, dict]
         return seconds, result
     finally:
         stop(work / "workers")
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        interrupt(server)
 
 
 def table_diff(a: dict, b: dict) -> float:

@@ -103,13 +103,18 @@ def run(port: int, home: Path, project: Path) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        interrupt(server)
         (home / SERVER_FILE).unlink(missing_ok=True)
+
+
+def interrupt(proc: subprocess.Popen, wait: float = 30) -> None:
+    """Stop a server or worker we started (in its own process group): SIGINT, then SIGKILL of its group after ``wait`` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def registered(port: int, names: list[str]) -> bool:

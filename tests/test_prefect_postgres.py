@@ -5,13 +5,14 @@ embedded default (``make serve`` sets no database URL)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from pg import fresh_database
 from test_serve import free_port
+
+from flows.serve import interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = """
@@ -46,9 +47,4 @@ def test_server_on_postgres_stores_the_run(tmp_path):
             assert ("pg-probe", "COMPLETED") in rows
             assert not list((tmp_path / "home").glob("*.db"))  # no SQLite file was made
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            interrupt(server)

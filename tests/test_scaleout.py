@@ -26,6 +26,8 @@ from conftest import make_dataset
 from pg import fresh_database
 from test_serve import free_port
 
+from flows.serve import interrupt
+
 ROOT = Path(__file__).resolve().parents[1]
 STYLES = ("red_on_white", "yellow_on_blue", "noisy_gray")
 FOLDS = ["noisy_gray", "red_on_white"]
@@ -164,12 +166,7 @@ def run(tmp_path_factory):
             stop_workers(workers_base)
             for p in procs:
                 if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-                    try:
-                        p.wait(30)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.pid, signal.SIGKILL)
-                        p.wait()
+                    interrupt(p)
 
 
 def test_each_worker_ran_a_fold_and_the_killed_fold_was_retried(run):
