@@ -30,7 +30,6 @@ from bne.stats import instance_stats
 
 #: (layer index, input (N, C, H, W)) -> per-sample (mean, var), each (N, C), that layer normalizes with.
 StatsFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-VARIANTS = ("pooled", "mixstats", "alpha")
 
 
 def plain_norm_layers(model: nn.Module) -> list[nn.Module]:

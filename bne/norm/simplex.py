@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 
 from bne.norm.common import as_float, scale_shift, step_factor
-from bne.norm.dsbn import _ROUTE, DomainBatchNorm2d
+from bne.norm.dsbn import _ROUTE, DomainBatchNorm2d, update_running_stats
+
+
+def _check(concentration: float, leave_out: float) -> None:
+    if concentration <= 0 or not 0 <= leave_out <= 1:
+        raise ValueError(f"simplex BN: concentration {concentration} must be > 0 and leave_out {leave_out} in [0, 1]")
 
 
 class SimplexBatchNorm2d(DomainBatchNorm2d):
@@ -27,17 +32,15 @@ class SimplexBatchNorm2d(DomainBatchNorm2d):
     def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, domain_affine: bool = False, concentration: float = 1.0, leave_out: float = 0.5) -> None:
         super().__init__(num_features, num_domains, eps, momentum, affine, domain_affine)
-        if concentration <= 0 or not 0 <= leave_out <= 1:
-            raise ValueError(f"simplex BN: concentration {concentration} must be > 0 and leave_out {leave_out} in [0, 1]")
+        _check(concentration, leave_out)
         self.concentration = concentration
         self.leave_out = leave_out
 
     @classmethod
     def from_batchnorm(cls, bn, num_domains: int, momentum: float | None = None, domain_affine: bool = False,
                        concentration: float = 1.0, leave_out: float = 0.5) -> SimplexBatchNorm2d:
+        _check(concentration, leave_out)
         layer = super().from_batchnorm(bn, num_domains, momentum, domain_affine)
-        if concentration <= 0 or not 0 <= leave_out <= 1:
-            raise ValueError(f"simplex BN: concentration {concentration} must be > 0 and leave_out {leave_out} in [0, 1]")
         layer.concentration, layer.leave_out = concentration, leave_out
         return layer
 
@@ -66,10 +69,8 @@ class SimplexBatchNorm2d(DomainBatchNorm2d):
         mean = torch.stack([m for _, m in stats])
         with torch.no_grad():  # each domain's running statistics from its own chunk, as DSBN
             for c, d, m, v in zip(chunks, route.domains, mean, var):
-                f = step_factor(self, d)
-                n = c.numel() // c.shape[1]
-                self.running_mean[d].mul_(1 - f).add_(m.to(self.running_mean.dtype), alpha=f)
-                self.running_var[d].mul_(1 - f).add_((v * n / max(n - 1, 1)).to(self.running_var.dtype), alpha=f)
+                count = torch.tensor(float(c.numel() // c.shape[1]), device=x.device)
+                update_running_stats(self.running_mean[d], self.running_var[d], m, v, count, step_factor(self, d))
         w = self.mixing_weights(len(chunks), x.device).to(mean.dtype)
         mix_mean = w @ mean
         mix_var = (w @ (var + mean * mean) - mix_mean * mix_mean).clamp_min(0)
