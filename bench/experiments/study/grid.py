@@ -3,7 +3,7 @@
 Each cell runs the pipeline's stage commands (`bne ingest/validate/cache`, then `bne train/stats extract/embed/tune/
 evaluate --target T`, with `--set train.seeds=[s] <variant overrides>`) in data/study/<variant>/seed<s>/, with one
 torch thread per process and --workers processes side by side. Cells resume (training checkpoints) and a
-finished cell (its fold.json) is never rerun. A finished cell then gets its record,
+finished cell (its fold.json, or its committed record) is never rerun. A finished cell then gets its record,
 reports/study/cells/<variant>/seed<s>/<target>.json (committed): its own row and every inference-only variant
 (power 2, statistics mixing: bne/mixing.py) on its checkpoints. `--cached-only` prints the table of the records at
 any time, in a clone without data/.
@@ -248,7 +248,9 @@ def main() -> None:
                       lambda m: print(m, flush=True))
 
     if not (a.cached_only or a.post_only):
-        todo = [(v, s, t) for v in a.variants for s in a.seeds for t in targets if not fold_file(out, v, s, t).is_file()]
+        # a cell is done when its fold.json is here or its committed record is (a finished cell of an earlier machine)
+        todo = [(v, s, t) for v in a.variants for s in a.seeds for t in targets
+                if not (fold_file(out, v, s, t).is_file() or record_file(reports, v, s, t).is_file())]
         print(f"{len(todo)} cell(s) to run with {a.workers} worker(s); logs in {out}/<variant>/seed<s>/<target>.log", flush=True)
 
         def one(cell):
