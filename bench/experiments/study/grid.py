@@ -57,6 +57,37 @@ def fold_file(out: Path, variant: str, seed: int, target: str) -> Path:
 STAGES = (["train"], ["stats", "extract"], ["embed"], ["tune"], ["evaluate"])
 
 
+def deepall_dir(out: Path, variant: str, seed: int, target: str) -> Path:
+    from tasks.paths import Layout
+
+    return Layout(cell_root(out, variant, seed), "pacs").fold(target).train(seed, "deepall")
+
+
+def reuse_deepall(out: Path, variant: str, seed: int, target: str) -> str | None:
+    """DeepAll of a finished cell of another variant with the same seed and held-out domain, copied into this cell.
+
+    DeepAll does not see BNE's options (ensemble loss, domain_layers): the same seed trains the same network, so
+    training it again would only cost time. Safe by construction: the copied ``last.pt`` carries its training key, and
+    the train stage resumes from it only if the key equals this cell's (else it trains DeepAll from scratch, e.g.
+    for ``model.norm=simplex``, whose DeepAll has one-domain simplex layers). Returns the source variant, if any.
+    """
+    import shutil
+
+    mine = deepall_dir(out, variant, seed, target)
+    if (mine / "last.pt").is_file():
+        return None
+    for other in sorted(p.parent.parent.name for p in out.glob(f"*/seed{seed}/data")):
+        theirs = deepall_dir(out, other, seed, target)
+        if other != variant and fold_file(out, other, seed, target).is_file() and (theirs / "last.pt").is_file():
+            mine.mkdir(parents=True, exist_ok=True)
+            for name in ("best.pt", "last.pt"):  # last.pt last: it is what makes the stage skip training
+                if (theirs / name).is_file():
+                    shutil.copyfile(theirs / name, mine / f".{name}.tmp")
+                    os.replace(mine / f".{name}.tmp", mine / name)
+            return other
+    return None
+
+
 def cell_overrides(variant: str, seed: int, extra: list[str]) -> list[str]:
     return [f"train.seeds=[{seed}]", *TRAINING[variant], *extra]
 
@@ -89,6 +120,9 @@ def run_cell(out: Path, variant: str, seed: int, target: str, extra: list[str], 
         with open(root / ".inputs.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             rc = next((r for r in (run([*base, s, *common]) for s in ("ingest", "validate", "cache")) if r), 0)
+        reused = reuse_deepall(out, variant, seed, target) if not rc else None
+        if reused:
+            f.write(f"\n=== DeepAll copied from {reused}/seed{seed}/{target} (trained again only if its key differs)\n")
         for stage in STAGES:
             if rc:
                 break
