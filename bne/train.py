@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bne.augment import BatchAugment
 from bne.data import Augment, AugmentConfig, DomainArrays, domain_batches, to_tensor
@@ -37,7 +38,7 @@ from bne.embedding import (
 )
 from bne.io import atomic_torch_save, one_line
 from bne.model import DGNet, ModelSpec, classifier, stages
-from bne.norm.dsbn import convert_sync_batchnorm, distributed_refusal, world_size
+from bne.norm.dsbn import DomainBatchNorm2d, convert_sync_batchnorm, distributed_refusal, world_size
 from bne.norm.mbn import double_forward
 from bne.progress import progress as report_progress
 from bne.stats import InstanceRecorder
@@ -75,6 +76,34 @@ class TrainConfig:
     # test-time ensemble on the step's images (every branch with frozen statistics); 0 = off.
     ensemble_loss: float
     ensemble_own_out: bool  # leave each image's own branch out of that ensemble (an unseen domain)
+    # Both methods: decay per step of an exponential moving average of the weights, 0 = off; the averaged network
+    # (its normalization statistics recomputed on ``ema_bn_batches`` training batches at each epoch end) is the
+    # one validated, selected and returned (:func:`train`).
+    ema: float
+    ema_bn_batches: int
+
+
+#: Normalization layers (``model.norm``) whose statistics the weight average cannot recompute: why, per norm.
+EMA_REFUSED_NORMS = {
+    "cbn": "its training normalizes with statistics compensated along the weights' trajectory, which the averaged "
+           "weights do not have",
+    "mbn": "its running statistics are the pool of a window of memorized batches (Double-Forward), not a running average",
+    "simplex": "its training forward normalizes with random mixtures of the step's domain statistics: recomputing "
+               "with them or with each domain's own would define the statistics anew",
+}
+
+
+def ema_refusal(cfg: TrainConfig, norm: str, world: int = 1) -> str | None:
+    """Why ``cfg.ema`` cannot train here (a message naming the keys), or None."""
+    if not cfg.ema:
+        return None
+    if norm in EMA_REFUSED_NORMS:
+        return (f"train.ema = {cfg.ema} with model.norm = {norm!r}: {EMA_REFUSED_NORMS[norm]}; use train.ema: 0 "
+                f"or a norm whose running statistics are plain (bn, bgn, iebn, proxynorm)")
+    if world > 1:
+        return (f"train.ema = {cfg.ema} under {world} processes: the weight average trains on one process only; "
+                "set train.ema: 0 under torchrun, or train without torchrun")
+    return None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -135,10 +164,13 @@ def config_hash(*parts: object) -> str:
 
 
 def train_key(cfg: TrainConfig, method: str) -> dict:
-    """The settings of ``cfg`` that change ``method``'s training: the ensemble loss's only when it is on for BNE."""
+    """The settings of ``cfg`` that change ``method``'s training: the ensemble loss's only when it is on for BNE,
+    the weight average's only when it is on (both methods; checkpoints of before it stay valid)."""
     d = asdict(cfg)
     if method != "bne" or not cfg.ensemble_loss:
         d = {k: v for k, v in d.items() if not k.startswith("ensemble_")}
+    if not cfg.ema:
+        d = {k: v for k, v in d.items() if k != "ema" and not k.startswith("ema_")}
     d["layout"] = "channels_last"  # the network's memory layout on every device (NCHW-trained CPU runs differ)
     return d
 
@@ -317,6 +349,47 @@ def source_val_accuracy(model: DGNet, sources: list[DomainArrays], batch: int, d
     return correct / max(1, total)
 
 
+@torch.no_grad()
+def recompute_norm_stats(model: DGNet, batches: Iterable[Sequence[torch.Tensor]]) -> int:
+    """Replace the running statistics of every normalization layer of ``model`` by the cumulative average of its
+    batch statistics over ``batches`` (each: one image tensor per source domain, equal sizes, on the device).
+
+    Each batch is forwarded as a training step forwards it (:func:`train_step`): a domain-specific network (BNE)
+    takes the concatenated batch with chunk d through branch d, so every domain's statistics come from its own
+    images and the shared (non-domain) layers (``model.domain_layers``) see the mixed batch; an ordinary network
+    (DeepAll) the same images as one mixed batch. The normalization layers run in train mode with momentum None
+    (factor 1/n for the n-th batch, their counts reset first); every other module stays in eval mode (no
+    dropout or drop-connect: the statistics of the network that is evaluated; no random number is drawn). No
+    gradient. The momenta and the model's mode are restored. Returns the number of batches forwarded.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, DomainBatchNorm2d))]
+    if model.spec.norm in EMA_REFUSED_NORMS:
+        raise ValueError(f"model.norm {model.spec.norm!r}: cannot recompute its statistics: {EMA_REFUSED_NORMS[model.spec.norm]}")
+    mode, momenta = model.training, [layer.momentum for layer in layers]
+    n = 0
+    try:
+        model.eval()
+        for layer in layers:
+            layer.momentum = None
+            layer.num_batches_tracked.zero_()
+            layer.train()
+        for xs in batches:
+            x = torch.cat(list(xs))
+            with _autocast(x.device):
+                model(x, domains=list(range(len(xs)))) if model.num_domains else model(x)
+            n += 1
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.train(mode)
+    return n
+
+
+def _ema_seed(seed: int, epoch: int) -> int:
+    """The seed of the batches an epoch's weight average recomputes its statistics on (not training's stream)."""
+    return int.from_bytes(hashlib.sha256(f"ema/{seed}/{epoch}".encode()).digest()[:8], "little") % 2**63
+
+
 @dataclass
 class TrainResult:
     model: DGNet
@@ -353,10 +426,20 @@ def train(
     BatchNorm2d become :class:`bne.norm.dsbn.SyncBatchNorm2d`; layers that cannot, refuse). Rank 0 alone reads
     and writes ``out_dir`` and logs; ``last.pt`` records the world size and resuming an unfinished run with another one is refused.
     Every rank returns the same selected model.
+
+    ``cfg.ema`` > 0 (one process; norms of :data:`EMA_REFUSED_NORMS` refused): an exponential moving average of the
+    weights (:class:`torch.optim.swa_utils.AveragedModel`, decay ``cfg.ema`` per step, from the first step; the
+    parameters only) is updated after every step; at each epoch end its normalization statistics are recomputed on
+    ``cfg.ema_bn_batches`` un-augmented training batches drawn as training draws them, from a stream of their own
+    (:func:`recompute_norm_stats`); source validation, ``best.pt`` and the returned model are the averaged
+    network's, and ``last.pt`` holds the average too, so a resumed run ends as an uninterrupted one.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     world, me = world_size(), rank()
+    refusal = ema_refusal(cfg, spec.norm, world)
+    if refusal:
+        raise ValueError(refusal)
     if world > 1:
         if cfg.per_domain_batch % world:
             raise ValueError(
@@ -378,6 +461,8 @@ def train(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg)
+    # the weight average: a copy of the network whose parameters follow the EMA (its step count on the CPU: no sync)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False) if cfg.ema else None
     step_model = distribute(model, device) if world > 1 else model
     s, b = len(sources), cfg.per_domain_batch
     steps = sum(len(a.train) for a in sources) // (s * b)
@@ -409,6 +494,8 @@ def train(
                 )
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if averaged is not None:
+                averaged.load_state_dict(state["ema"])
             history = json.loads(state["history"])
             start = int(state["epoch"]) + 1
             torch.set_rng_state(state["torch_rng"])
@@ -445,6 +532,8 @@ def train(
             minibatches = [(x, torch.as_tensor(a.labels[r]).to(device)) for x, a, r in zip(xs, sources, rows)]
             if world == 1:
                 running += train_step(model, opt, minibatches, cfg)
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 continue
             # this rank's share; its own random stream inside the step (dropout), the shared one kept for augmentation
             minibatches = [(x[lo:hi], y[lo:hi]) for x, y in minibatches]
@@ -455,12 +544,18 @@ def train(
             dist.all_reduce(running)  # the ranks' mean losses: equal shares, so their mean is the step's
             running /= world
         running = float(running)
-        val = source_val_accuracy(model, sources, cfg.eval_batch, device)
+        selectable = model  # the network validated, selected and returned: the weight average when on
+        if averaged is not None:
+            selectable = averaged.module
+            rows = domain_batches([a.train for a in sources], b, cfg.ema_bn_batches,
+                                  torch.Generator().manual_seed(_ema_seed(cfg.seed, epoch)))
+            recompute_norm_stats(selectable, ([to_tensor(a.images[r]).to(device) for a, r in zip(sources, rs)] for rs in rows))
+        val = source_val_accuracy(selectable, sources, cfg.eval_batch, device)
         history.append({"epoch": epoch + 1, "train_loss": running / steps, "source_val_acc": val, "seconds": round(time.time() - t_epoch, 1)})
         log(f"{method} epoch {epoch + 1}/{cfg.epochs}: loss {running / steps:.4f}, source-val acc {val:.4f}")
         if me == 0:
             if cfg.select == "best" and val >= max(h["source_val_acc"] for h in history):
-                atomic_torch_save(model.state_dict(), out_dir / "best.pt")
+                atomic_torch_save(selectable.state_dict(), out_dir / "best.pt")
             checkpoint = {
                 "key": key,
                 "epoch": epoch,
@@ -469,6 +564,8 @@ def train(
                 "history": json.dumps(history),
                 "torch_rng": torch.get_rng_state(),
             }
+            if averaged is not None:
+                checkpoint["ema"] = averaged.state_dict()
             if world > 1:
                 checkpoint["world_size"] = world  # a resume needs the same number of processes
             atomic_torch_save(checkpoint, ckpt)
@@ -480,6 +577,9 @@ def train(
             break
 
     del step_model  # DistributedDataParallel's gradient hooks go with it
+    if averaged is not None:  # the averaged network is the result (best.pt holds its weights too)
+        model.load_state_dict(averaged.module.state_dict())
+        del averaged
     selected = len(history)
     has_best = cfg.select == "best" and history and me == 0 and (out_dir / "best.pt").is_file()
     if world > 1:

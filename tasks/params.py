@@ -34,7 +34,7 @@ from bne.dedup import BITS
 from bne.embedding import DISTANCES, LAYER_SETS, WEIGHTINGS, InferenceOptions
 from bne.io import atomic_path
 from bne.model import BACKBONES, NORMS, ModelSpec
-from bne.train import TrainConfig
+from bne.train import EMA_REFUSED_NORMS, TrainConfig
 from tasks.paths import resolve  # noqa: F401  (the one path resolver; re-exported)
 
 PARAMS_FILE = "params.yaml"
@@ -136,6 +136,8 @@ class Train(Section):
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]
     ensemble_loss: NonNegative
     ensemble_own_out: bool
+    ema: Annotated[float, Field(ge=0.0, lt=1.0)]  # 0 = off; else the decay per step, in (0, 1)
+    ema_bn_batches: Annotated[int, Field(ge=1)]
     augment: Augment
 
     @field_validator("seeds")
@@ -228,6 +230,13 @@ class Params(Section):
     extend: Extend
     schedule: Schedule
     fanout: Fanout
+
+    @model_validator(mode="after")
+    def _ema_norm(self) -> Params:
+        if self.train.ema and self.model.norm in EMA_REFUSED_NORMS:
+            raise ValueError(f"train.ema = {self.train.ema} with model.norm = {self.model.norm!r}: "
+                             f"{EMA_REFUSED_NORMS[self.model.norm]}; use train.ema: 0 or another norm")
+        return self
 
     def scoped(self, keys: Iterable[str], stage: str = "") -> Scoped:
         """A read-only view that allows only ``keys`` (dotted; a section allows everything under it)."""

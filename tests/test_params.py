@@ -60,6 +60,10 @@ def test_library_configs_have_no_defaults_of_their_own():
     ("train.device=tpu", "train.device", "'tpu'"),
     ("train.select=worst", "train.select", "'worst'"),
     ("train.augment.crop_scale=[0.9, 0.5]", "train.augment.crop_scale", "[0.9, 0.5]"),
+    ("train.ema=1.5", "train.ema", "1.5"),
+    ("train.ema=-0.1", "train.ema", "-0.1"),
+    ("train.ema=1", "train.ema", "1"),
+    ("train.ema_bn_batches=0", "train.ema_bn_batches", "0"),
     ("model.backbone=vgg", "model.backbone", "'vgg'"),
     ("model.norm=layernorm", "model.norm", "'layernorm'"),
     ("model.domain_layers=0", "model.domain_layers", "0"),
@@ -79,6 +83,14 @@ def test_impossible_values_name_the_key_and_the_value(override, key, value):
     with pytest.raises(ParamsError) as err:
         params.load(PARAMS_FILE, [override])
     assert key in str(err.value) and value in str(err.value)
+
+
+def test_weight_average_refuses_norms_without_plain_running_statistics():
+    assert params.load(PARAMS_FILE, ["train.ema=0.99", "model.norm=bgn"]).train.ema == 0.99
+    assert params.load(PARAMS_FILE, ["train.ema=0", "model.norm=mbn"]).model.norm == "mbn"
+    for norm in ("mbn", "cbn", "simplex"):
+        with pytest.raises(ParamsError, match=rf"train\.ema = 0\.99 with model\.norm = '{norm}'"):
+            params.load(PARAMS_FILE, ["train.ema=0.99", f"model.norm={norm}"])
 
 
 def test_unknown_and_missing_keys_are_named():

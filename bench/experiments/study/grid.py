@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[3]
 #: Training variants: overrides of params.yaml (each trains DeepAll and BNE in its own cells).
 TRAINING = {"paper": [], "ensemble0.1": ["train.ensemble_loss=0.1", "train.ensemble_own_out=true"],
             "domain_layers9": ["model.domain_layers=9"],  # the stem + the first 8 MBConv blocks of Lite0
-            "simplex": ["model.norm=simplex"]}  # model.simplex_*: Dirichlet(1) mixtures, own domain out w.p. 0.5
+            "simplex": ["model.norm=simplex"],  # model.simplex_*: Dirichlet(1) mixtures, own domain out w.p. 0.5
+            "ema": ["train.ema=0.99"]}  # both methods: EMA of the weights, BN statistics recomputed (amendment 2)
 #: Inference-only variants of every training variant (definitions fixed in docs/results/pacs-study.md):
 #: options re-scored from the saved outputs, and statistics mixing (bne/mixing.py) on the saved checkpoints.
 POWER2 = {"power": 2.0}
