@@ -227,13 +227,19 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
 
 
+def seeds_needed(sd: float | None, target_se: float = 0.7) -> int | None:
+    """The pre-registered rule: n = ceil((sd_d / 0.7)^2) seeds, at least 3, for a paired SE below 0.7 points."""
+    return None if sd is None else max(3, int(np.ceil((sd / target_se) ** 2)))
+
+
 def fmt(m: float, se: float | None) -> str:
     return f"{m:.1f}" if se is None else f"{m:.1f} ± {se:.1f}"
 
 
 def table(variants: dict[str, dict], seeds: list[int], targets: list[str]) -> tuple[str, dict]:
     """Per variant: per target and mean, DeepAll and BNE mean +- SE over seeds and the paired difference +- SE."""
-    lines = ["| variant | held-out | seeds | DeepAll | variant | paired diff. | source-only criterion |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | held-out | seeds | DeepAll | variant | paired diff. | sd of diff. | seeds for SE < 0.7 | source-only criterion |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name, folds in variants.items():
         summary[name] = {}
@@ -253,10 +259,13 @@ def table(variants: dict[str, dict], seeds: list[int], targets: list[str]) -> tu
             row = {"seeds": done, "deepall": mean_se(per["deepall"]), "variant": mean_se(per["bne"]), "diff": mean_se(diff),
                    "criterion": mean_se(per["leave_own_out_val_acc"]) if None not in per["leave_own_out_val_acc"] else None,
                    "diff_sd": float(np.std(diff, ddof=1)) if len(diff) > 1 else None}
+            row["seeds_needed"] = seeds_needed(row["diff_sd"])
             summary[name][t] = row
+            sd = "–" if row["diff_sd"] is None else f"{row['diff_sd']:.1f}"
+            need = "–" if row["seeds_needed"] is None else f"{row['seeds_needed']}" + ("" if len(done) >= 3 else " (prelim.)")
             lines.append(f"| {name} | {t} | {len(done)} | {fmt(*row['deepall'])} | {fmt(*row['variant'])} | "
                          f"{row['diff'][0]:+.1f}" + (f" ± {row['diff'][1]:.1f}" if row["diff"][1] is not None else "") +
-                         f" | {fmt(*row['criterion']) if row['criterion'] else '–'} |")
+                         f" | {sd} | {need} | {fmt(*row['criterion']) if row['criterion'] else '–'} |")
     return "\n".join(lines) + "\n", summary
 
 
