@@ -3,6 +3,7 @@
     python bench/fanout.py                                  # PACS, the CPU protocol of params.yaml: NOT quick (hours)
     python bench/fanout.py --source DIR --set train.resolution=32 ...   # a small <domain>/<class>/<image> folder
     python bench/fanout.py --workers 2 --threads 1 --single-threads 1   # the defaults
+    python bench/fanout.py ... --pool-set tune.storage=postgresql://... # a setting of one copy only (its study)
 
 Two fresh copies of the project (``git clone`` of this checkout's ``HEAD`` with this ``params.yaml``, or with
 ``--source`` a smoke project of that folder, every image), identical parameters, each with its own DVC cache:
@@ -14,10 +15,13 @@ Two fresh copies of the project (``git clone`` of this checkout's ``HEAD`` with 
   process workers (``OMP_NUM_THREADS=--threads``) in workspaces of their own, a DVC remote in the run's folder, and
   ``dg-pipeline`` with ``mode=pool``.
 
-Writes ``--out`` (default ``reports/bench/fanout.json``): both wall times, their ratio (single / pool; the issue's
-goal is >= 1.4 with 2 workers on 2 cores), the metrics of both runs, the largest absolute difference between their
-tables and whether the ``dvc.lock`` files match (outputs' hashes aside, which carry timings). Everything it starts
-is stopped at the end, also after a failure; the copies are removed unless ``--keep``.
+The Prefect server uses ``PREFECT_API_DATABASE_CONNECTION_URL`` when the environment sets one (PostgreSQL), else
+SQLite. Writes ``--out`` (default ``reports/bench/fanout.json``): both wall times, their ratio (single / pool; the
+issue's goal is >= 1.4 with 2 workers on 2 cores), the metrics of both runs, the largest absolute difference between
+their tables, whether the ``dvc.lock`` files match (outputs' hashes aside, which carry timings), and what the pool
+run returned (each fold's worker, workspace and ``dvc.lock`` entries); storage URLs in it are redacted. Everything
+it starts is stopped at the end, also after a failure; the copies (``--work``, default a new temporary folder) are
+removed unless ``--keep``. ``tests/test_scaleout.py`` drives this script for the loopback end-to-end test.
 """
 
 from __future__ import annotations
@@ -126,6 +130,15 @@ def run_pool(proj: Path, work: Path, n: int, threads: str) -> tuple[float, dict]
         interrupt(server)
 
 
+def redact_setting(text: str) -> str:
+    """``text`` with every URL's password masked (``user:***@host``): settings and results go into the report."""
+    import re
+
+    from tasks.tune import redact
+
+    return re.sub(r"[a-z][a-z0-9+.-]*://[^\s\"',\]]+", lambda m: redact(m.group(0)), text)
+
+
 def table_diff(a: dict, b: dict) -> float:
     """The largest absolute difference between two metrics tables (numbers at the same keys)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -152,26 +165,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, help="a small <domain>/<class>/<image> folder instead of params.yaml's dataset")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value for both copies")
+    ap.add_argument("--single-set", action="append", default=[], help="dotted.key=value for the single-process copy only")
+    ap.add_argument("--pool-set", action="append", default=[], help="dotted.key=value for the pool copy only")
+    ap.add_argument("--work", type=Path, help="an empty or new folder for the copies, workers and server (default: a temporary one)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", default="1", help="OMP_NUM_THREADS of each worker")
     ap.add_argument("--single-threads", default="1", help="OMP_NUM_THREADS of the single process ('' : torch's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "fanout.json")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bne-fanout-bench-"))
+    if a.work is not None and a.work.exists() and any(a.work.iterdir()):
+        ap.error(f"--work {a.work}: not empty (the bench makes its copies there and removes the folder afterwards)")
+    work = a.work or Path(tempfile.mkdtemp(prefix="bne-fanout-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        single = make_copy(work / "single", a.source, a.overrides, None)
-        pool = make_copy(work / "pool", a.source, a.overrides, work / "dvc-remote")
+        single = make_copy(work / "single", a.source, [*a.overrides, *a.single_set], None)
+        pool = make_copy(work / "pool", a.source, [*a.overrides, *a.pool_set], work / "dvc-remote")
         s_single = run_single(single, a.single_threads)
         s_pool, result = run_pool(pool, work, a.workers, a.threads)
         name = P.load(single / P.PARAMS_FILE).dataset.name
         m_single = json.loads((single / "reports" / name / "metrics.json").read_text())
         m_pool = json.loads((pool / "reports" / name / "metrics.json").read_text())
         report = {
-            "dataset": name, "source": str(a.source or "params.yaml"), "overrides": a.overrides,
+            "dataset": name, "source": str(a.source or "params.yaml"),
+            "overrides": {k: [redact_setting(o) for o in v] for k, v in
+                          (("both", a.overrides), ("single", a.single_set), ("pool", a.pool_set))},
             "workers": a.workers, "threads_per_worker": a.threads, "single_threads": a.single_threads or "torch default",
             "single_s": round(s_single, 1), "pool_s": round(s_pool, 1), "speedup": round(s_single / s_pool, 3),
             "folds": {t: {"worker": r["worker"]} for t, r in result["folds"].items()},
+            "pool_result": json.loads(redact_setting(json.dumps(result))),
             "metrics_single": m_single, "metrics_pool": m_pool, "metrics_max_abs_diff": table_diff(m_single, m_pool),
             "lock_equal_but_hashes": lock_without_hashes(single) == lock_without_hashes(pool),
             "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},

@@ -1,16 +1,18 @@
 """Beyond one machine, on loopback: a Prefect server on PostgreSQL, 2 process workers in separate workspaces, a DVC
 remote in a temporary folder, the tuning study on PostgreSQL; the tiny synthetic dataset with two folds.
 
-One distributed run (``dg-pipeline`` with ``mode=pool``) is shared by the assertions; one worker's fold is killed
-mid-training (the flow-run process and everything under it, SIGKILL), so the run completes only through the retry
-of that fold. A single-process ``dvc repro`` of the same project is the reference for ``dvc.lock`` and metrics.
-Every server, worker and database the module starts is stopped or dropped at the end, also after a failure.
+The run is ``bench/fanout.py`` itself (the issue-16 benchmark, so the benchmark is tested by the same run): a
+single-process ``dvc repro`` of one copy (the reference for ``dvc.lock`` and metrics), then ``dg-pipeline`` with
+``mode=pool`` on another copy. One worker's fold is killed mid-training (the flow-run process and everything under
+it, SIGKILL), so the run completes only through the retry of that fold. Every server, worker and database the
+module starts is stopped or dropped at the end, also after a failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tasks.params as P
 from conftest import make_dataset
 from pg import fresh_database
-from test_serve import free_port
-
-from flows.serve import interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLES = ("red_on_white", "yellow_on_blue", "noisy_gray")
@@ -36,7 +34,6 @@ TINY = [
     "train.eval_batch=16", "eval.batch=8", "tune.inference.n_trials=4", "dataset.val_fraction=0.25",
     f"dataset.folds={json.dumps(FOLDS)}",
 ]
-POOL = "bne-test"
 
 
 def descendants(pid: int) -> list[int]:
@@ -54,23 +51,6 @@ def descendants(pid: int) -> list[int]:
         out.append(p)
         todo += children.get(p, [])
     return out
-
-
-def project(dest: Path, data: Path, storage: str, remote: Path | None) -> Path:
-    """A smoke project of ``data`` with two folds, its study on ``storage``, committed (the workers clone it)."""
-    from flows.dvc import dvc
-    from flows.smoke import build
-
-    build(dest, source=data, per_class=6)
-    P.write_overrides(dest / "params.yaml", [*TINY, f"tune.storage={storage}"])
-    if remote is not None:
-        dvc(dest, "remote", "add", "--default", "shared", str(remote))
-    with open(dest / ".dvc" / ".gitignore", "a") as f:  # DVC's site cache of the copy (flows/smoke.py keeps it inside)
-        f.write("/site-cache\n")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True, capture_output=True)
-    subprocess.run([*git, "commit", "-qm", "project"], cwd=dest, check=True, capture_output=True)
-    return dest
 
 
 def normalized_lock(root: Path) -> dict:
@@ -92,81 +72,57 @@ def normalized_lock(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The distributed run, its reference, and what the tests look at."""
-    tmp = tmp_path_factory.mktemp("scaleout")
-    data = make_dataset(tmp / "syn", styles=STYLES, per_class=6, size=40)
-    procs: list[subprocess.Popen] = []
-    workers_base = tmp / "workers"
-    from flows.serve import wait_healthy
+    """The benchmark's run on loopback, with one fold killed mid-training; its report and what the tests look at."""
     from flows.workers import stop as stop_workers
 
+    tmp = tmp_path_factory.mktemp("scaleout")
+    data = make_dataset(tmp / "syn", styles=STYLES, per_class=6, size=40)
+    work, out = tmp / "bench", tmp / "fanout.json"
     with fresh_database("bne_prefect") as prefect_db, fresh_database("bne_study") as study_db, \
             fresh_database("bne_study_ref") as study_ref:
-        port = free_port()
-        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-               "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db.replace("postgresql://", "postgresql+asyncpg://", 1),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-               "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-               "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db.replace("postgresql://", "postgresql+asyncpg://", 1),
+               "OMP_NUM_THREADS": "1"}
+        killed: dict = {}
+        done = threading.Event()
+
+        def kill_one_fold_mid_training() -> None:
+            while not done.is_set() and not killed:
+                for pid_file in (work / "workers").glob("w*/worker.pid"):
+                    if any(pid_file.parent.glob("syn-*/data/train/syn/*")):  # this worker's fold is training
+                        victims = descendants(int(pid_file.read_text()))
+                        for v in victims:
+                            try:
+                                os.kill(v, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+                        killed.update(worker=pid_file.parent.name, pids=victims, at=time.time())
+                        return
+                time.sleep(0.5)
+
+        killer = threading.Thread(target=kill_one_fold_mid_training, daemon=True)
+        killer.start()
         try:
-            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                      env=env, stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-            procs.append(server)
-            coord = project(tmp / "coord", data, study_db, tmp / "dvc-remote")
-            ref = project(tmp / "ref", data, study_ref, None)  # now: the same code as coord's, whatever changes meanwhile
-            wait_healthy(port, timeout=180, proc=server)
-            reg = subprocess.run([sys.executable, "-c", f"from flows.workers import register; print(register({POOL!r}, 'bne'))"],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-            assert reg.returncode == 0, reg.stderr[-3000:]
-            from flows.workers import start
-
-            started = start(2, POOL, workers_base, env=env)
-            killed: dict = {}
-
-            def kill_one_fold_mid_training() -> None:
-                deadline = time.time() + 600
-                while time.time() < deadline and not killed:
-                    for name, pid, ws in started:
-                        if any(ws.glob("syn-*/data/train/syn/*")):  # this worker's fold is training
-                            victims = descendants(pid)
-                            for v in victims:
-                                try:
-                                    os.kill(v, signal.SIGKILL)
-                                except ProcessLookupError:
-                                    pass
-                            killed.update(worker=name, pids=victims, at=time.time())
-                            return
-                    time.sleep(0.5)
-
-            killer = threading.Thread(target=kill_one_fold_mid_training, daemon=True)
-            killer.start()
-            t0 = time.time()
-            code = ("import json, sys; from flows.dg_pipeline import dg_pipeline; "
-                    f"r = dg_pipeline(dataset='syn', root={str(coord)!r}, mode='pool'); print('RESULT ' + json.dumps(r))")
-            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-            seconds = time.time() - t0
+            bench = subprocess.run(
+                [sys.executable, "bench/fanout.py", "--source", str(data), "--workers", "2", "--work", str(work), "--keep",
+                 "--out", str(out), *[f"--set={s}" for s in TINY], f"--pool-set=tune.storage={study_db}",
+                 f"--single-set=tune.storage={study_ref}"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+            done.set()
             killer.join(5)
-            assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
-            result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-            noop = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=coord, env=env, capture_output=True, text=True, timeout=600)
+            assert bench.returncode == 0, bench.stdout[-4000:] + bench.stderr[-6000:]
+            report = json.loads(out.read_text())
+            pool = work / "pool"
+            noop = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=pool, env=env, capture_output=True, text=True, timeout=600)
             import psycopg
 
             with psycopg.connect(prefect_db) as c:
                 runs = c.execute("select f.name, r.state_type from flow_run r join flow f on f.id = r.flow_id").fetchall()
-            stop_workers(workers_base)
-            single = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ref,
-                                    env={**env, "PATH": str(Path(sys.executable).parent) + os.pathsep + env["PATH"],
-                                         "PYTHONPATH": str(ref)},  # the copy's code, as the pool run's stages
-                                    capture_output=True, text=True, timeout=1200)
-            assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-            yield {"coord": coord, "ref": ref, "result": result, "killed": killed, "noop": noop, "runs": runs,
-                   "workers": [w for w, _, _ in started], "seconds": seconds, "log": out.stdout + out.stderr}
+            yield {"coord": pool, "ref": work / "single", "report": report, "result": report["pool_result"], "killed": killed,
+                   "noop": noop, "runs": runs, "workers": ["bne-w1", "bne-w2"], "study_db": study_db}
         finally:
-            stop_workers(workers_base)
-            for p in procs:
-                if p.poll() is None:
-                    interrupt(p)
+            done.set()
+            stop_workers(work / "workers")  # the bench stops them itself; this is for a bench that was killed
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def test_each_worker_ran_a_fold_and_the_killed_fold_was_retried(run):
@@ -193,3 +149,12 @@ def test_lock_equals_the_single_process_run_and_repro_is_a_noop(run):
     b = json.loads((run["ref"] / "reports" / "syn" / "metrics.json").read_text())
     assert a == b
     assert run["result"]["stages"]["report"] is True
+
+
+def test_the_benchmark_reports_both_runs(run):
+    r = run["report"]
+    assert r["single_s"] > 0 and r["pool_s"] > 0 and r["speedup"] == pytest.approx(r["single_s"] / r["pool_s"], abs=2e-3)
+    assert r["workers"] == 2 and r["threads_per_worker"] == "1" and r["single_threads"] == "1"
+    assert r["metrics_max_abs_diff"] == 0.0 and r["lock_equal_but_hashes"]  # one thread per training on both sides
+    assert r["metrics_single"] == r["metrics_pool"] and set(r["folds"]) == set(FOLDS)
+    assert r["overrides"]["pool"] == [f"tune.storage={run['study_db']}"] and r["overrides"]["both"][0] == TINY[0]
