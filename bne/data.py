@@ -14,7 +14,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from bne.io import atomic_write, load_npy, save_npy
 from bne.progress import progress as progress_bar
@@ -447,6 +446,10 @@ class Augment:
     """Random resized crop, flip, colour jitter and grayscale on uint8 images; uses torch's global RNG."""
 
     def __init__(self, cfg: AugmentConfig, size: int) -> None:
+        # imported here: torchvision (with the torch._dynamo it loads) doubles a process's start-up, and only the
+        # stages that train augment (ingest, validate, cache, stats, embed, tune, evaluate, report do not)
+        from torchvision.transforms import v2
+
         self.tf = v2.Compose(
             [
                 v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), antialias=True),
