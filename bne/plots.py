@@ -91,3 +91,35 @@ def embedding_maps(maps: dict[str, tuple[list[str], dict]], path: Path) -> None:
     fig.tight_layout()
     atomic_call(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+
+
+def paired_differences(summary: dict[str, dict[str, dict]], groups: list[str], path: Path, title: str = "") -> None:
+    """Per variant (a row each), its paired difference to DeepAll (points) per held-out domain and on the mean:
+    a dot at the mean over seeds, a bar of +- 1 SE where there are two seeds or more, the seed count beside it."""
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(names) + 1.4))
+    offsets = np.linspace(-0.3, 0.3, len(groups))
+    for j, g in enumerate(groups):
+        ys, xs, errs, ns = [], [], [], []
+        for i, name in enumerate(names):
+            row = summary[name].get(g)
+            if row is None:
+                continue
+            ys.append(i + offsets[j])
+            xs.append(row["diff"][0])
+            errs.append(row["diff"][1] or 0.0)
+            ns.append(len(row["seeds"]))
+        if xs:
+            ax.errorbar(xs, ys, xerr=errs, fmt="o", ms=4, capsize=2, label=g, mfc="white" if g != "mean" else None)
+            for x, y, n in zip(xs, ys, ns):
+                ax.annotate(str(n), (x, y), xytext=(3, -2), textcoords="offset points", fontsize=6)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.axvline(2, color="gray", lw=0.8, ls=":")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference to DeepAll (points; number: seeds)")
+    ax.legend(fontsize=7, ncol=len(groups), loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.4 / max(1, len(names))))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_call(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -320,7 +320,13 @@ def main() -> None:
                {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seeds": a.seeds, "targets": targets,
                 "variants": {v: {t: r for t, r in rows.items()} for v, rows in summary.items()}})
     atomic_write(reports / "metrics.md",
-                 "# PACS study (issue 19): DeepAll vs BNE variants, paired by seed and held-out domain\n\n" + md)
+                 "# PACS study (issue 19): DeepAll vs BNE variants, paired by seed and held-out domain\n\n" + md +
+                 "\n![paired differences](paired.png)\n")
+    if summary:
+        from bne.plots import paired_differences
+
+        paired_differences(summary, [*targets, "mean"], reports / "paired.png",
+                           "PACS study: variant - DeepAll, mean ± SE over seeds (dotted: the target, +2)")
 
 
 if __name__ == "__main__":
