@@ -114,6 +114,13 @@ SLOW_FIRST = ("test_scaleout.py", "test_flow.py", "test_serve.py", "test_train.p
               "test_reliability.py")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker more than the cores. Several modules spend a good part of their
+    time waiting (a Prefect server or worker starting, a crash being noticed, a single-process DVC run beside an
+    idle core); the extra worker fills those gaps. Each worker's torch threads follow (``THREADS`` above)."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order is kept
