@@ -16,7 +16,6 @@ from bne.ingest import dataset_from_manifest, ingest
 from bne.io import atomic_write, read_json, write_json
 from bne.predict import extend_with_domain
 from tasks.paths import Layout, resolve
-from tasks.validate import ValidationConfig, summary, validate_manifest
 
 PARAMS = ("dataset.name", "dataset.root", "dataset.val_fraction", "dataset.max_pixels", "extend.domains", "train.resolution",
           "eval.batch", "validation.min_per_class", "validation.min_size", "validation.near_duplicate_bits")
@@ -27,6 +26,9 @@ def run(p, layout: Layout, base: Path, progress: bool = True, log: Callable[[str
     new = list(p.extend.domains)
     results = []
     if new:
+        # here, not at the top: Great Expectations takes seconds to import, and most runs of this stage add nothing
+        from tasks.validate import ValidationConfig, summary, validate_manifest
+
         work = out / "work"
         ingest(resolve(base, p.dataset.root), work / "ingest", None, None, p.dataset.val_fraction, 0, p.dataset.name, None,
                progress, domains=new, max_pixels=p.dataset.max_pixels)
