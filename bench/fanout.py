@@ -21,8 +21,7 @@ issue's goal is >= 1.4 with 2 workers on 2 cores), the metrics of both runs, the
 their tables, whether the ``dvc.lock`` files match (outputs' hashes aside, which carry timings), and what the pool
 run returned (each fold's worker, workspace and ``dvc.lock`` entries); storage URLs in it are redacted. Everything
 it starts is stopped at the end, also after a failure; the copies (``--work``, default a new temporary folder) are
-removed unless ``--keep``. ``tests/test_scaleout.py`` drives this script for the loopback end-to-end test, with
-``--concurrently`` (both copies at once: it checks agreement, not speed).
+removed unless ``--keep``. ``tests/test_scaleout.py`` drives this script for the loopback end-to-end test.
 """
 
 from __future__ import annotations
@@ -174,8 +173,6 @@ def main() -> None:
     ap.add_argument("--single-threads", default="1", help="OMP_NUM_THREADS of the single process ('' : torch's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "fanout.json")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--concurrently", action="store_true",
-                    help="run both copies at the same time: a check that they agree (tables, locks), not a timing (no speedup)")
     a = ap.parse_args()
     if a.work is not None and a.work.exists() and any(a.work.iterdir()):
         ap.error(f"--work {a.work}: not empty (the bench makes its copies there and removes the folder afterwards)")
@@ -184,16 +181,8 @@ def main() -> None:
     try:
         single = make_copy(work / "single", a.source, [*a.overrides, *a.single_set], None)
         pool = make_copy(work / "pool", a.source, [*a.overrides, *a.pool_set], work / "dvc-remote")
-        if a.concurrently:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(1) as ex:
-                single_run = ex.submit(run_single, single, a.single_threads)
-                s_pool, result = run_pool(pool, work, a.workers, a.threads)
-                s_single = single_run.result()
-        else:
-            s_single = run_single(single, a.single_threads)
-            s_pool, result = run_pool(pool, work, a.workers, a.threads)
+        s_single = run_single(single, a.single_threads)
+        s_pool, result = run_pool(pool, work, a.workers, a.threads)
         name = P.load(single / P.PARAMS_FILE).dataset.name
         m_single = json.loads((single / "reports" / name / "metrics.json").read_text())
         m_pool = json.loads((pool / "reports" / name / "metrics.json").read_text())
@@ -202,8 +191,7 @@ def main() -> None:
             "overrides": {k: [redact_setting(o) for o in v] for k, v in
                           (("both", a.overrides), ("single", a.single_set), ("pool", a.pool_set))},
             "workers": a.workers, "threads_per_worker": a.threads, "single_threads": a.single_threads or "torch default",
-            "single_s": round(s_single, 1), "pool_s": round(s_pool, 1), "concurrently": a.concurrently,
-            "speedup": None if a.concurrently else round(s_single / s_pool, 3),
+            "single_s": round(s_single, 1), "pool_s": round(s_pool, 1), "speedup": round(s_single / s_pool, 3),
             "folds": {t: {"worker": r["worker"]} for t, r in result["folds"].items()},
             "pool_result": json.loads(redact_setting(json.dumps(result))),
             "metrics_single": m_single, "metrics_pool": m_pool, "metrics_max_abs_diff": table_diff(m_single, m_pool),

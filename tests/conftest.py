@@ -34,6 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = tasks.params.load(ROOT / "params.yaml")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test of tiny tensors: on shared cores, two OpenMP threads made a 4 s training run
+    take 60 s. The count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def spec(**changes) -> ModelSpec:
     """``params.yaml``'s model for 3 classes (DeepAll unless ``domains`` is given), with ``changes``."""
     return dataclasses.replace(PARAMS.model.spec(num_classes=3), **changes)

@@ -18,6 +18,8 @@ from bne.embedding import DISTANCES
 from bne.evaluate import BranchOutputs, leave_own_out_accuracy, options_dict
 from conftest import augment_cfg, options, spec, train_cfg
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # on shared cores, two OpenMP threads made a 4 s training run take 60 s
+
 MAX_PIXELS = 8192 * 8192  # the decode rules' limit (the pipeline's: params.yaml dataset.max_pixels)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -141,15 +143,6 @@ def test_study_plots(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- training hyper-params
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on shared cores, two OpenMP threads made a 4 s training run take 60 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
