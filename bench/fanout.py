@@ -18,7 +18,8 @@ Two fresh copies of the project (``git clone`` of this checkout's ``HEAD`` with 
 The Prefect server uses ``PREFECT_API_DATABASE_CONNECTION_URL`` when the environment sets one (PostgreSQL), else
 SQLite. Writes ``--out`` (default ``reports/bench/fanout.json``): both wall times, their ratio (single / pool; the
 issue's goal is >= 1.4 with 2 workers on 2 cores), the metrics of both runs, the largest absolute difference between
-their tables, whether the ``dvc.lock`` files match (outputs' hashes aside, which carry timings), and what the pool
+their tables, whether the ``dvc.lock`` files match (outputs' hashes aside: outputs carry run records such as wall
+times), which outputs differ in content once those run records are set aside (none, when the runs agree), and what the pool
 run returned (each fold's worker, workspace and ``dvc.lock`` entries); storage URLs in it are redacted. Everything
 it starts is stopped at the end, also after a failure; the copies (``--work``, default a new temporary folder) are
 removed unless ``--keep``. ``tests/test_scaleout.py`` drives this script for the loopback end-to-end test.
@@ -161,6 +162,87 @@ def lock_without_hashes(proj: Path) -> dict:
     return strip(yaml.safe_load((proj / "dvc.lock").read_text())["stages"])
 
 
+#: Fields that record how a run went rather than what it computed: wall times, creation times (training's
+#: ``seconds``, ``created_at`` of the final model and of the statistics' Parquet), an Optuna journal's trial times
+#: and writer ids (a random id per process).
+RUN_RECORD_KEYS = frozenset({"seconds", "train_seconds", "train_seconds_total", "evaluate_seconds_total", "created_at",
+                             "datetime_start", "datetime_complete", "worker_id"})
+
+
+def _without_run_records(x):
+    if isinstance(x, dict):
+        return {k: _without_run_records(v) for k, v in x.items() if k not in RUN_RECORD_KEYS}
+    if isinstance(x, (list, tuple)):
+        return [_without_run_records(v) for v in x]
+    return x
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` hold the same results, run records (:data:`RUN_RECORD_KEYS`) aside: JSON and journals compared
+    as data, checkpoints tensor by tensor, Parquet as tables with their metadata, Markdown reports with their durations
+    ("... 12.5 min") masked; PNG plots by existence only (the
+    order of tied bars in Optuna's importance plot follows Python's per-process string hashing); anything else byte
+    for byte."""
+    if a.read_bytes() == b.read_bytes():
+        return True
+    suffix = a.suffix
+    if suffix == ".json":
+        return _without_run_records(json.loads(a.read_text())) == _without_run_records(json.loads(b.read_text()))
+    if suffix == ".journal":
+        def lines(p: Path) -> list:
+            return [_without_run_records(json.loads(line)) for line in p.read_text().splitlines() if line.strip()]
+        return lines(a) == lines(b)
+    if suffix == ".pt":
+        import torch
+
+        def same(x, y) -> bool:
+            if isinstance(x, torch.Tensor):
+                return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+            if isinstance(x, dict):
+                return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x if k not in RUN_RECORD_KEYS)
+            if isinstance(x, (list, tuple)):
+                return isinstance(y, (list, tuple)) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+            if isinstance(x, str) and x[:1] in "[{":  # a JSON record inside the checkpoint (its training history)
+                try:
+                    return _without_run_records(json.loads(x)) == _without_run_records(json.loads(y))
+                except (TypeError, ValueError):
+                    pass
+            return x == y
+
+        return same(torch.load(a, map_location="cpu", weights_only=True), torch.load(b, map_location="cpu", weights_only=True))
+    if suffix == ".md":  # a report's durations ("training of all folds 12.5 min")
+        import re
+
+        def text(p: Path) -> str:
+            return re.sub(r"\b\d+(\.\d+)? min\b", "<duration> min", p.read_text())
+        return text(a) == text(b)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        meta = [{k: v for k, v in (t.schema.metadata or {}).items() if k.decode() not in RUN_RECORD_KEYS} for t in (ta, tb)]
+        return ta.equals(tb) and meta[0] == meta[1]
+    return suffix == ".png"
+
+
+def outputs_differing(a: Path, b: Path) -> list[str]:
+    """The outputs of ``a``'s ``dvc.lock`` (every stage's, files and folders) whose results differ in ``b`` or that
+    ``b`` lacks, run records aside (:func:`_same_content`); ``[]``: the two runs computed the same things."""
+    import yaml
+
+    lock = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
+    paths = sorted({o["path"] for e in lock.values() for o in e.get("outs", [])})
+    out = []
+    for rel in paths:
+        files = sorted(p.relative_to(a) for p in ((a / rel).rglob("*") if (a / rel).is_dir() else [a / rel]) if p.is_file())
+        for f in files:
+            if not (b / f).is_file() or not _same_content(a / f, b / f):
+                out.append(f.as_posix())
+        if (b / rel).is_dir():
+            out += [p.relative_to(b).as_posix() for p in (b / rel).rglob("*") if p.is_file() and not (a / p.relative_to(b)).exists()]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, help="a small <domain>/<class>/<image> folder instead of params.yaml's dataset")
@@ -196,11 +278,13 @@ def main() -> None:
             "pool_result": json.loads(redact_setting(json.dumps(result))),
             "metrics_single": m_single, "metrics_pool": m_pool, "metrics_max_abs_diff": table_diff(m_single, m_pool),
             "lock_equal_but_hashes": lock_without_hashes(single) == lock_without_hashes(pool),
+            "outputs_differing_but_run_records": outputs_differing(single, pool),
             "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
         }
         a.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(a.out, report)
-        print(json.dumps({k: report[k] for k in ("single_s", "pool_s", "speedup", "metrics_max_abs_diff", "lock_equal_but_hashes")}))
+        print(json.dumps({k: report[k] for k in ("single_s", "pool_s", "speedup", "metrics_max_abs_diff", "lock_equal_but_hashes",
+                                                  "outputs_differing_but_run_records")}))
     finally:
         if a.keep:
             print(f"kept {work}")

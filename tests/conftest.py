@@ -34,6 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = tasks.params.load(ROOT / "params.yaml")
 
 
+#: How long a test waits for Prefect's temporary server (``prefect_test_harness``; Prefect's default is 30 s): with
+#: the cores busy (the study grid beside ``make test``) it took longer, and test_flow's six tests errored.
+HARNESS_STARTUP_S = 180
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread for a test of tiny tensors: on shared cores, two OpenMP threads made a 4 s training run

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import tasks.params as P
+from conftest import HARNESS_STARTUP_S
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDS = ["art_painting", "cartoon", "photo", "sketch"]
@@ -49,7 +50,7 @@ def test_folds_that_fail_for_good_are_named_together(monkeypatch, tmp_path):
     def coordinator():
         return F.run_pool(tmp_path, params, ["ingest", "validate", "cache", "train@art_painting", "final", "report"])
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=HARNESS_STARTUP_S):
         with pytest.raises(RuntimeError) as e:
             coordinator()
     msg = str(e.value)

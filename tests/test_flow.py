@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import tasks.params as P
-from conftest import PARAMS, make_dataset
+from conftest import HARNESS_STARTUP_S, PARAMS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLES = ("red_on_white", "yellow_on_blue", "noisy_gray")
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 def harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=HARNESS_STARTUP_S):
         yield
 
 
