@@ -111,7 +111,8 @@ def run_pool(proj: Path, work: Path, n: int, threads: str) -> tuple[float, dict]
     try:
         wait_healthy(port, timeout=180, proc=server)
         fan = P.load(proj / P.PARAMS_FILE).fanout  # the pool and deployment the coordinator submits to
-        reg = subprocess.run([sys.executable, "-c", f"from flows.workers import register; register({fan.pool!r}, {fan.deployment!r})"],
+        reg = subprocess.run([sys.executable, "-c", "from flows.workers import register; from tasks import params as P; "
+                              f"register(P.load({str(proj / P.PARAMS_FILE)!r}).fanout)"],
                              cwd=ROOT, env=env, capture_output=True, text=True)  # a process of its own: the server's settings
         if reg.returncode:
             raise RuntimeError(f"registering dg-fold/{fan.deployment} failed:\n{reg.stderr[-3000:]}")

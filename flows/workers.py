@@ -27,23 +27,60 @@ BASE = ROOT / ".workers"
 PID = "worker.pid"
 
 
-def register(pool: str, deployment: str, source: Path = ROOT) -> str:
-    """The process work pool ``pool`` (created if missing) and the deployment ``dg-fold/<deployment>`` on it, loading
-    the flow from ``source`` (this checkout; a git URL for machines that do not share the folder). Returns its name."""
+def register(fan: P.Fanout, source: Path | str = ROOT, entrypoint: str = "flows/fold.py:dg_fold") -> str:
+    """The process work pool ``fan.pool`` (created if missing), the deployment ``dg-fold/<fan.deployment>`` on it,
+    loading the flow ``entrypoint`` from ``source`` (this checkout; a git URL for machines that do not share the
+    folder), and the automation that notices a lost worker machine. Returns the deployment's name.
+
+    A worker killed with its flow run (a machine lost, an evicted container) reports nothing, and the run would stay
+    Running for ever. So the deployment's runs send a heartbeat every ``fan.heartbeat`` seconds
+    (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in its job variables: any worker type passes it on), and an automation on
+    the server (Prefect's zombie-flow recipe) marks a run of this deployment Crashed when ``fan.lost_after`` seconds
+    pass without one; the coordinator then submits the fold again (``fan.retries``). Runs of other deployments are
+    not watched (their heartbeats keep Prefect's default period). Registering again replaces both."""
+    from datetime import timedelta
+
     from prefect import flow
+    from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=fan.pool, type="process"))
         except ObjectAlreadyExists:
             pass
-    fold = flow.from_source(source=str(source), entrypoint="flows/fold.py:dg_fold")
-    fold.deploy(name=deployment, work_pool_name=pool, print_next_steps=False,
-                description="one fold (train..evaluate) in a workspace of its own; submitted by dg-pipeline (fanout.mode pool)")
-    return f"dg-fold/{deployment}"
+    fold = flow.from_source(source=str(source), entrypoint=entrypoint)
+    deployment_id = fold.deploy(
+        name=fan.deployment, work_pool_name=fan.pool, print_next_steps=False,
+        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(fan.heartbeat)}},
+        description="one fold (train..evaluate) in a workspace of its own; submitted by dg-pipeline (fanout.mode pool)")
+    name = f"dg-fold/{fan.deployment}: crash runs without a heartbeat for {fan.lost_after} s"
+    with get_client(sync_client=True) as client:  # an earlier registration's (its settings may differ)
+        for stale in client.read_automations():
+            if stale.name.startswith(f"dg-fold/{fan.deployment}: "):
+                try:
+                    client.delete_automation(stale.id)
+                except ObjectNotFound:
+                    pass
+    Automation(
+        name=name,
+        description="a dg-fold run whose worker machine is gone stops sending heartbeats: mark it Crashed, so the "
+                    "coordinator (dg-pipeline, fanout.mode pool) submits the fold again",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}", "prefect.resource.role": "deployment"},
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=fan.lost_after)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {fan.lost_after} s: its worker is gone (fanout.lost_after)")],
+    ).create()
+    return f"{fold.name}/{fan.deployment}"
 
 
 def start(n: int, pool: str, base: Path = BASE, env: dict | None = None, names: str = "bne-w") -> list[tuple[str, int, Path]]:
@@ -98,7 +135,7 @@ def main() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise SystemExit("PREFECT_API_URL is not set: start a server first (make serve; export PREFECT_API_URL=http://127.0.0.1:4200/api)")
     fan = P.load(ROOT / P.PARAMS_FILE).fanout
-    name = register(fan.pool, fan.deployment)
+    name = register(fan)
     started = start(a.start, fan.pool, a.base)
     time.sleep(1)
     for w, pid, ws in started:

@@ -216,6 +216,15 @@ class Fanout(Section):
     deployment: Name
     retries: Annotated[int, Field(ge=0)]
     poll: Positive
+    heartbeat: Annotated[int, Field(ge=30)]
+    lost_after: Annotated[int, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _lost_after_heartbeats(self):
+        if self.lost_after <= self.heartbeat:
+            raise ValueError(f"fanout.lost_after = {self.lost_after} must exceed fanout.heartbeat = {self.heartbeat} "
+                             "(else a healthy run is taken for lost between two heartbeats)")
+        return self
 
 
 class Params(Section):

@@ -124,7 +124,7 @@ def save_mode_variants(src: Path) -> None:
 #: The slowest modules, slowest first (measured with ``--durations``). ``--dist loadfile --no-loadscope-reorder``
 #: (pyproject's addopts) hands whole modules to the workers in collection order, so these start at once rather
 #: than last (xdist would otherwise order modules by their number of tests); without xdist the order is harmless.
-SLOW_FIRST = ("test_scaleout.py", "test_flow.py", "test_serve.py", "test_train.py", "test_gpu_bench.py",
+SLOW_FIRST = ("test_scaleout.py", "test_lost_worker.py", "test_flow.py", "test_serve.py", "test_train.py", "test_gpu_bench.py",
               "test_inference.py", "test_lodo_synthetic.py", "test_distributed.py", "test_tune.py", "test_stats.py",
               "test_reliability.py")
 

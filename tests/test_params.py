@@ -78,6 +78,8 @@ def test_library_configs_have_no_defaults_of_their_own():
     ("dataset.max_pixels=2.5", "dataset.max_pixels", "2.5"),
     ("validation.near_duplicate_bits=-1", "validation.near_duplicate_bits", "-1"),
     ("validation.near_duplicate_bits=257", "validation.near_duplicate_bits", "257"),
+    ("fanout.heartbeat=10", "fanout.heartbeat", "10"),  # Prefect's minimum is 30
+    ("fanout.lost_after=30", "fanout.lost_after", "30"),  # not above the heartbeat: a healthy run taken for lost
 ])
 def test_impossible_values_name_the_key_and_the_value(override, key, value):
     with pytest.raises(ParamsError) as err:
