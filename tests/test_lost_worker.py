@@ -73,7 +73,8 @@ def test_a_run_whose_worker_is_gone_is_crashed_and_a_healthy_one_is_not(tmp_path
             assert len(autos) == 1 and f"{LOST_AFTER} s" in autos[0].name
             (_, pid1, _), (_, pid2, _) = start(2, fan.pool, tmp_path / "workers", env=env)
             doomed = run_deployment(name, parameters={"seconds": 600}, timeout=0)
-            healthy = run_deployment(name, parameters={"seconds": LOST_AFTER + 45}, timeout=0)
+            # outlives the doomed run's detection (at most LOST_AFTER + 60 s after the kill, asserted below)
+            healthy = run_deployment(name, parameters={"seconds": LOST_AFTER + 90}, timeout=0)
             with get_client(sync_client=True) as client:
                 def state(run):
                     return client.read_flow_run(run.id).state
@@ -105,7 +106,7 @@ def test_a_run_whose_worker_is_gone_is_crashed_and_a_healthy_one_is_not(tmp_path
                 assert noticed <= LOST_AFTER + 60, noticed
                 assert state(healthy).type == StateType.RUNNING  # silent for none of its heartbeats: left alone
                 while state(healthy).type == StateType.RUNNING:
-                    assert time.time() - killed < LOST_AFTER + 120
+                    assert time.time() - killed < LOST_AFTER + 180
                     time.sleep(2)
                 assert state(healthy).type == StateType.COMPLETED, state(healthy)
     finally:
