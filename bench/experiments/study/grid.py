@@ -105,8 +105,10 @@ def run_cell(out: Path, variant: str, seed: int, target: str, extra: list[str], 
     (root / "data").mkdir(parents=True, exist_ok=True)
     shared = out / "_cache"
     shared.mkdir(parents=True, exist_ok=True)
-    if not (root / "data" / "cache").exists():
+    try:  # two cells of one seed may start together: one of them makes the link
         (root / "data" / "cache").symlink_to(shared.resolve(), target_is_directory=True)
+    except FileExistsError:
+        pass
     sets = [a for o in cell_overrides(variant, seed, extra) for a in ("--set", o)]
     base = [sys.executable, "-m", "tasks.cli"]
     common = ["--root", str(root), "--params", str(ROOT / "params.yaml"), *sets]
@@ -298,12 +300,19 @@ def main() -> None:
         print(f"{len(todo)} cell(s) to run with {a.workers} worker(s); logs in {out}/<variant>/seed<s>/<target>.log", flush=True)
 
         def one(cell):
+            """A cell and its record; an error is this cell's failure (reported below), never the end of the grid
+            (Executor.map cancels every cell not yet started once one raises)."""
             v, s, t = cell
-            (cell_root(out, v, s)).mkdir(parents=True, exist_ok=True)
-            result = run_cell(out, v, s, t, extra, cell_root(out, v, s) / f"{t}.log")
-            if result[2] == 0:
-                post(v, s, t)
-            return result
+            t0 = time.time()
+            try:
+                (cell_root(out, v, s)).mkdir(parents=True, exist_ok=True)
+                result = run_cell(out, v, s, t, extra, cell_root(out, v, s) / f"{t}.log")
+                if result[2] == 0:
+                    post(v, s, t)
+                return result
+            except Exception as e:  # noqa: BLE001
+                print(f"{v}/seed{s}/{t}: {type(e).__name__}: {e}", flush=True)
+                return f"{v}/seed{s}/{t}", time.time() - t0, -1
 
         with ThreadPoolExecutor(max(1, a.workers)) as pool:
             results = list(pool.map(one, todo))
