@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,14 +43,8 @@ sys.path[:0] = [str(ROOT)]
 
 from bne.io import write_json  # noqa: E402
 from flows.dvc import SMOKE_MARKER, dvc, env as stage_env  # noqa: E402
-from flows.serve import interrupt, wait_healthy  # noqa: E402
+from flows.serve import free_port, interrupt, start_server, wait_healthy  # noqa: E402
 from tasks import params as P  # noqa: E402
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *args], cwd=cwd, check=True,
@@ -106,8 +99,7 @@ def run_pool(proj: Path, work: Path, n: int, threads: str) -> tuple[float, dict]
     env = {**stage_env(), "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port), "PREFECT_LOGGING_LEVEL": "WARNING",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_server(port, env, work / "server.log")
     try:
         wait_healthy(port, timeout=180, proc=server)
         fan = P.load(proj / P.PARAMS_FILE).fanout  # the pool and deployment the coordinator submits to

@@ -42,6 +42,26 @@ def settings(port: int, home: Path) -> dict[str, str]:
     }
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server of its own (the scale-out bench, tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+    """``prefect server start`` on 127.0.0.1:``port`` with ``env`` added to this environment, in a process group of its
+    own, output to ``log`` (else inherited); returns at once (:func:`wait_healthy`, then :func:`interrupt` to stop)."""
+    out = open(log, "wb") if log is not None else None  # noqa: SIM115 - the child keeps it
+    try:
+        return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()
+
+
 def wait_healthy(port: int, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
     url = f"http://127.0.0.1:{port}/api/health"
     deadline = time.time() + timeout
@@ -85,10 +105,7 @@ def run(port: int, home: Path, project: Path) -> None:
     env = settings(port, home)
     os.environ.update(env)
     home.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, **env}, start_new_session=True,
-    )
+    server = start_server(port, env)
     (home / SERVER_FILE).write_text(json.dumps({"pid": server.pid, "port": port}))  # for --stop, should this process die
 
     def stop(*_):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,21 +31,13 @@ def sleepy(seconds: float):
 '''
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_run_whose_worker_is_gone_is_crashed_and_a_healthy_one_is_not(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import interrupt, wait_healthy
+    from flows.serve import free_port, interrupt, settings, start_server, wait_healthy
     from flows.workers import register, start, stop
 
     fan = PARAMS.fanout.model_copy(update={"pool": "lost", "deployment": "lost", "lost_after": LOST_AFTER})
@@ -55,13 +45,9 @@ def test_a_run_whose_worker_is_gone_is_crashed_and_a_healthy_one_is_not(tmp_path
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "sleepy.py").write_text(SLEEPY)
     port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": url, "PREFECT_SERVER_API_HOST": "127.0.0.1",
-           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env={**os.environ, **env}, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    env = {**settings(port, tmp_path / "home"), "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    url = env["PREFECT_API_URL"]
+    server = start_server(port, env, tmp_path / "server.log")
     try:
         wait_healthy(port, timeout=180, proc=server)
         with temporary_settings(updates={PREFECT_API_URL: url}):

@@ -15,15 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import make_dataset
+from flows.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["dg-pipeline/pacs", "dg-pipeline/smoke", "dg-pipeline/retrain-new-domains"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:
