@@ -142,17 +142,24 @@ def table_diff(a: dict, b: dict) -> float:
     return 0.0
 
 
+def without_keys(x, keys: frozenset[str]):
+    """``x`` (nested dicts and lists, as JSON or YAML give) with every entry whose key is in ``keys`` left out."""
+    if isinstance(x, dict):
+        return {k: without_keys(v, keys) for k, v in x.items() if k not in keys}
+    if isinstance(x, (list, tuple)):
+        return [without_keys(v, keys) for v in x]
+    return x
+
+
+#: What ``dvc.lock`` holds that differs between two copies computing the same things: hashes and sizes (outputs
+#: carry run records) and the study's storage URL (each copy has its own database).
+LOCK_RUN_KEYS = frozenset({"md5", "hash", "size", "nfiles", "tune.storage"})
+
+
 def lock_without_hashes(proj: Path) -> dict:
     import yaml
 
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("md5", "hash", "size", "nfiles") and k != "tune.storage"}
-        if isinstance(x, list):
-            return [strip(v) for v in x]
-        return x
-
-    return strip(yaml.safe_load((proj / "dvc.lock").read_text())["stages"])
+    return without_keys(yaml.safe_load((proj / "dvc.lock").read_text())["stages"], LOCK_RUN_KEYS)
 
 
 #: Fields that record how a run went rather than what it computed: wall times, creation times (training's
@@ -163,11 +170,7 @@ RUN_RECORD_KEYS = frozenset({"seconds", "train_seconds", "train_seconds_total", 
 
 
 def _without_run_records(x):
-    if isinstance(x, dict):
-        return {k: _without_run_records(v) for k, v in x.items() if k not in RUN_RECORD_KEYS}
-    if isinstance(x, (list, tuple)):
-        return [_without_run_records(v) for v in x]
-    return x
+    return without_keys(x, RUN_RECORD_KEYS)
 
 
 def _same_content(a: Path, b: Path) -> bool:

@@ -49,6 +49,33 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def bench_module(name: str):
+    """``bench/<name>.py`` imported as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def spec(**changes) -> ModelSpec:
     """``params.yaml``'s model for 3 classes (DeepAll unless ``domains`` is given), with ``changes``."""
     return dataclasses.replace(PARAMS.model.spec(num_classes=3), **changes)

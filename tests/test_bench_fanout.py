@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import bench_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,16 +38,13 @@ def test_work_folder_must_be_empty(tmp_path):
 def test_outputs_compared_as_results_with_run_records_aside(tmp_path):
     """The bench's content comparison of two runs: wall times, creation times and journal writer ids aside, any other
     difference (a weight, a number, a Parquet row, a missing or extra file) is named."""
-    import importlib.util
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    spec = importlib.util.spec_from_file_location("fanout_bench", ROOT / "bench" / "fanout.py")
-    fanout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fanout)
+    fanout = bench_module("fanout")
 
     def project(root: Path, seconds: float, created: str, weight: float, acc: float, extra: bool = False) -> Path:
         (root / "out" / "m").mkdir(parents=True)

@@ -15,8 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import PARAMS
-from test_scaleout import descendants
+from conftest import PARAMS, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 LOST_AFTER = 50  # > fanout.heartbeat (30, Prefect's minimum) with a margin for heartbeats late on busy cores

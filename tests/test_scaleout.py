@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_dataset
+from conftest import bench_module, descendants, make_dataset
 from pg import fresh_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,39 +36,14 @@ TINY = [
 ]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 def normalized_lock(root: Path) -> dict:
     """``dvc.lock`` without data hashes and the study's storage URL (each run has its own database). The hashes of
     outputs differ between two runs that computed the same things: outputs carry run records (training's wall times,
     the final model's and the statistics' creation times); the bench compares their content with those set aside
     (``outputs_differing_but_run_records``, asserted empty below)."""
-
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("md5", "hash", "size", "nfiles", "tune.storage")}
-        if isinstance(x, list):
-            return [strip(v) for v in x]
-        return x
-
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     code = {s: {d["path"]: d["md5"] for d in e.get("deps", []) if d["path"].startswith(("bne", "tasks"))} for s, e in lock.items()}
-    return {"stages": strip(lock), "code": code}
+    return {"stages": bench_module("fanout").lock_without_hashes(root), "code": code}
 
 
 @pytest.fixture(scope="module")
